@@ -1,0 +1,35 @@
+"""flowlab: discrete SGD and continuous-time models of SGD on the same network, measured through
+the network's symmetries."""
+
+__version__ = "0.1.0"
+
+from .build import Built, build  # noqa: E402
+from .config import Study, load_study, parse_study  # noqa: E402
+from .data import DATASETS, Data  # noqa: E402
+from .errors import ConfigError, FlowlabError  # noqa: E402
+from .losses import LOSSES  # noqa: E402
+from .models import MODELS  # noqa: E402
+from .problem import ParamLayout, Problem  # noqa: E402
+from .recording import Point, Recorder, Rows, RunContext, StepInfo, Variable  # noqa: E402
+from .runner import Run, run  # noqa: E402
+from .schedules import SCHEDULES  # noqa: E402
+from .sgd import BatchSampler, DiscreteSGD  # noqa: E402
+from .store import export_netcdf, open_result  # noqa: E402
+
+__all__ = [
+    "DATASETS", "LOSSES", "MODELS", "SCHEDULES", "BatchSampler", "Built", "ConfigError", "Data", "DiscreteSGD",
+    "FlowlabError", "ParamLayout", "Point", "Problem", "Recorder", "Rows", "Run", "RunContext", "StepInfo",
+    "Study", "Variable", "build", "export_netcdf", "load_study", "open_result", "parse_study", "run",
+]
+
+
+def registries() -> dict:
+    """Every registry by title (what ``flowlab list`` prints)."""
+    out = {"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "schedules": SCHEDULES}
+    try:
+        from .flows import FLOWS, INTEGRATORS
+
+        out.update({"flows": FLOWS, "integrators": INTEGRATORS})
+    except ImportError:
+        pass
+    return out

@@ -1,0 +1,116 @@
+"""From a validated :class:`Study` to the objects a run needs (model, data, loss, Problem)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Study
+from .data import DATASETS, Data, as_data
+from .errors import ConfigError
+from .losses import LOSSES
+from .models import MODELS
+from .problem import Problem, resolve_device, resolve_dtype
+from .registry import call_with_options
+from .schedules import build_schedule
+
+
+@dataclass
+class Built:
+    study: Study
+    problem: Problem
+    lrs: np.ndarray
+
+    @property
+    def times(self) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(self.lrs)])
+
+
+def build_data(study: Study, input_shape: tuple[int, ...] | None = None) -> Data:
+    fn = DATASETS.resolve(study.data.name, "data.name")
+    torch.manual_seed(study.study.seed)
+    injected = {"input_shape": input_shape} if input_shape is not None else {}
+    obj = call_with_options(fn, study.data.options, "data", **injected)
+    data = as_data(obj, "data.name")
+    data.name = study.data.name
+    return data
+
+
+def build_model(study: Study, data: Data) -> nn.Module:
+    fn = MODELS.resolve(study.model.name, "model.name")
+    torch.manual_seed(study.study.seed)
+    dtype = resolve_dtype(study.study.dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # builders that make tensors (quadratic) make them in the study's dtype
+    try:
+        module = call_with_options(fn, study.model.options, "model", input_shape=data.input_shape,
+                                   num_outputs=data.num_outputs)
+    finally:
+        torch.set_default_dtype(previous)
+    if not isinstance(module, nn.Module):
+        raise ConfigError("model.name", study.model.name, f"returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def check_fit(module: nn.Module, data: Data, loss_name: str, loss_fn) -> None:
+    """Run one small batch through the model and the loss; turn a shape clash into one line."""
+    X, y = data.X[:2], data.y[:2]
+    try:
+        with torch.no_grad():
+            out = module.train()(X)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("data", data.name, f"examples of shape {tuple(data.input_shape)} do not fit the model: {first}") from None
+    if loss_name == "cross_entropy":
+        if data.num_classes is None:
+            raise ConfigError("loss.name", loss_name, f"needs class labels, but dataset {data.name!r} has real-valued targets")
+        if out.ndim != 2:
+            raise ConfigError("model", tuple(out.shape[1:]), "cross_entropy needs outputs of shape (batch, classes)")
+        if data.num_classes > out.shape[1]:
+            raise ConfigError("data", data.name, f"has {data.num_classes} classes but the model has {out.shape[1]} outputs")
+    elif loss_name == "mse":
+        per = math.prod(out.shape[1:])
+        want = data.num_classes if data.num_classes is not None else math.prod(data.y.shape[1:]) if data.y.ndim > 1 else 1
+        if per != want:
+            raise ConfigError("data", data.name, f"targets have {want} values per example but the model has {per} outputs")
+    try:
+        with torch.no_grad():
+            value = loss_fn(out, y)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("loss.name", loss_name, f"fails on this model's output: {first}") from None
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ConfigError("loss.name", loss_name, "must return a scalar (the mean over the batch)")
+
+
+def build(study: Study) -> Built:
+    """Build the Problem (model on data with the loss) and the learning-rate sequence of a study."""
+    device = resolve_device(study.study.device)
+    dtype = resolve_dtype(study.study.dtype)
+    model_fn_name = study.model.name
+    # quadratic-style models carry their own input size; data may be inferred from the model
+    data = build_data(study, input_shape=_model_dim(study))
+    module = build_model(study, data)
+    loss_fn = LOSSES.resolve(study.loss.name, "loss.name")
+    module = module.to(dtype)
+    data_t = data.to("cpu", dtype)
+    check_fit(module, data_t, study.loss.name, loss_fn)
+    opt = study.optimizer
+    if isinstance(opt.batch_size, int) and opt.batch_size > len(data):
+        raise ConfigError("optimizer.batch_size", opt.batch_size, f"larger than the dataset ({len(data)} examples)")
+    problem = Problem(module, loss_fn, data, dtype=dtype, device=device, chunk_size=study.data.chunk_size,
+                      hvp=study.loss.hvp)
+    problem.model_name = model_fn_name
+    lrs = build_schedule(opt.schedule.name, opt.lr, dict(opt.schedule.options), opt.steps)
+    return Built(study, problem, lrs)
+
+
+def _model_dim(study: Study) -> tuple[int, ...] | None:
+    if study.model.name == "quadratic" and study.data.name == "points":
+        A = study.model.options.get("A")
+        return (len(A),) if A is not None else (2,)
+    return None

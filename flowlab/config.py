@@ -1,0 +1,416 @@
+"""Study files: TOML validated into frozen config objects.
+
+A study has the sections ``[study]``, ``[model]``, ``[data]``, ``[loss]``, ``[optimizer]``,
+``[record]`` and ``[[flows]]``.  ``[model]``, ``[data]`` and ``[loss]`` take a ``name`` and pass
+their other keys to the named builder (checked against its signature when the study is built).
+Unknown sections and keys, and values of the wrong type or range, raise :class:`ConfigError`
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, did_you_mean
+
+# ------------------------------------------------------------------ value checks
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(v: Any) -> str | None:
+    return None if _is_int(v) and v > 0 else "expected a positive integer"
+
+
+def nonneg_int(v: Any) -> str | None:
+    return None if _is_int(v) and v >= 0 else "expected an integer >= 0"
+
+
+def positive_num(v: Any) -> str | None:
+    return None if _is_num(v) and v > 0 else "expected a number > 0"
+
+
+def nonneg_num(v: Any) -> str | None:
+    return None if _is_num(v) and v >= 0 else "expected a number >= 0"
+
+
+def unit_interval_open(v: Any) -> str | None:
+    return None if _is_num(v) and 0 <= v < 1 else "expected a number in [0, 1)"
+
+
+def unit_interval(v: Any) -> str | None:
+    return None if _is_num(v) and 0 <= v <= 1 else "expected a number in [0, 1]"
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "expected true or false"
+
+
+def string(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else "expected a non-empty string"
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"allowed: {', '.join(choices)}"
+
+    return check
+
+
+def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def wrapped(v: Any) -> str | None:
+        return None if v is None else check(v)
+
+    return wrapped
+
+
+def batch_size_check(v: Any) -> str | None:
+    if v is None or v == "full" or (_is_int(v) and v > 0):
+        return None
+    return "expected a positive integer or \"full\""
+
+
+def snapshot_check(v: Any) -> str | None:
+    if v is None or v == "ends" or (_is_int(v) and v > 0):
+        return None
+    return "expected a positive integer (steps between snapshots) or \"ends\" (first and last only)"
+
+
+def device_check(v: Any) -> str | None:
+    if v in ("auto", "cpu", "cuda") or (isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return "allowed: auto, cpu, cuda, cuda:N"
+
+
+def _check(check: Callable[[Any], str | None]) -> dict:
+    return {"check": check}
+
+
+# -------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class StudySection:
+    name: str = field(default="study", metadata=_check(string))
+    seed: int = field(default=0, metadata=_check(nonneg_int))
+    dtype: str = field(default="float64", metadata=_check(one_of("float32", "float64")))
+    device: str = field(default="auto", metadata=_check(device_check))
+    out: str | None = field(default=None, metadata=_check(optional(string)))
+    description: str = field(default="", metadata=_check(lambda v: None if isinstance(v, str) else "expected a string"))
+
+
+@dataclass(frozen=True)
+class NamedSection:
+    """A section that names a registered builder; its other keys are the builder's options."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dict(self.options)}
+
+
+@dataclass(frozen=True)
+class DataSection(NamedSection):
+    chunk_size: int | None = None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.chunk_size is not None:
+            d["chunk_size"] = self.chunk_size
+        return d
+
+
+@dataclass(frozen=True)
+class LossSection(NamedSection):
+    hvp: str = "auto"
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "hvp": self.hvp}
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    name: str = "constant"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dict(self.options)}
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    lr: float = field(default=MISSING, metadata=_check(positive_num))  # type: ignore[assignment]
+    steps: int = field(default=MISSING, metadata=_check(positive_int))  # type: ignore[assignment]
+    weight_decay: float = field(default=0.0, metadata=_check(nonneg_num))
+    momentum: float = field(default=0.0, metadata=_check(unit_interval_open))
+    dampening: float = field(default=0.0, metadata=_check(unit_interval))
+    nesterov: bool = field(default=False, metadata=_check(boolean))
+    batch_size: int | str | None = field(default=None, metadata=_check(batch_size_check))
+    drop_last: bool = field(default=True, metadata=_check(boolean))
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size in (None, "full")
+
+
+@dataclass(frozen=True)
+class RecordSection:
+    every: int = field(default=1, metadata=_check(positive_int))
+    snapshot_every: int | str | None = field(default=None, metadata=_check(snapshot_check))
+    projections: int = field(default=8, metadata=_check(nonneg_int))
+    full_loss: bool = field(default=False, metadata=_check(boolean))
+    chunk: int = field(default=512, metadata=_check(positive_int))
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """One ``[[flows]]`` entry: a continuous model, its integrator and their options."""
+
+    name: str
+    integrator: str = "torchdiffeq:dopri5"
+    label: str = ""
+    rtol: float | None = None
+    atol: float | None = None
+    dt: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "integrator": self.integrator, "label": self.label}
+        d.update({k: getattr(self, k) for k in ("rtol", "atol", "dt") if getattr(self, k) is not None})
+        d.update(self.options)
+        return d
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study.  ``raw`` keeps the merged TOML mapping it came from."""
+
+    study: StudySection
+    model: NamedSection
+    data: DataSection
+    loss: LossSection
+    optimizer: OptimizerSection
+    record: RecordSection
+    flows: tuple[FlowSpec, ...] = ()
+    source: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.study.name
+
+    def to_dict(self) -> dict:
+        return {
+            "study": asdict(self.study),
+            "model": self.model.to_dict(),
+            "data": self.data.to_dict(),
+            "loss": self.loss.to_dict(),
+            "optimizer": {**{f.name: getattr(self.optimizer, f.name) for f in fields(self.optimizer)
+                             if f.name != "schedule"}, "schedule": self.optimizer.schedule.to_dict()},
+            "record": asdict(self.record),
+            "flows": [f.to_dict() for f in self.flows],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def with_overrides(self, overrides: Sequence[str]) -> Study:
+        return parse_study(apply_overrides(self.to_dict(), overrides), self.source)
+
+    def replace(self, **sections: Any) -> Study:
+        return replace(self, **sections)
+
+
+# -------------------------------------------------------------------- parsing
+
+SECTIONS = ("study", "model", "data", "loss", "optimizer", "record", "flows")
+
+
+def _typed(cls: type, section: str, raw: Any, **nested: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(section, raw, "expected a table")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known or key in nested:
+            if key in nested:
+                continue
+            raise ConfigError(f"{section}.{key}", raw[key], f"unknown key; allowed: {', '.join(known)}",
+                              did_you_mean(key, known))
+    kwargs: dict[str, Any] = dict(nested)
+    for name, f in known.items():
+        if name in nested:
+            continue
+        if name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{section}.{name}", None, "is required")
+            continue
+        value = raw[name]
+        check = f.metadata.get("check")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{section}.{name}", value, problem)
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _named(cls: type, section: str, raw: Any, default_name: str | None = None, **extra: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(section, raw, "expected a table")
+    raw = dict(raw)
+    name = raw.pop("name", default_name)
+    if name is None:
+        raise ConfigError(f"{section}.name", None, "is required")
+    problem = string(name)
+    if problem:
+        raise ConfigError(f"{section}.name", name, problem)
+    fixed = {}
+    for key, check in extra.items():
+        if key in raw:
+            value = raw.pop(key)
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{section}.{key}", value, problem)
+            fixed[key] = value
+    return cls(name=name, options=_freeze(raw), **fixed)
+
+
+def _freeze(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def _flow(raw: Any, index: int) -> FlowSpec:
+    section = f"flows[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(section, raw, "expected a table ([[flows]])")
+    raw = dict(raw)
+    if "name" not in raw:
+        raise ConfigError(f"{section}.name", None, "is required (the flow's name, see `flowlab list`)")
+    name = raw.pop("name")
+    if string(name):
+        raise ConfigError(f"{section}.name", name, string(name))
+    kwargs: dict[str, Any] = {"name": name}
+    checks = {"integrator": string, "label": string, "rtol": positive_num, "atol": positive_num, "dt": positive_num}
+    for key, check in checks.items():
+        if key in raw:
+            value = raw.pop(key)
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{section}.{key}", value, problem)
+            kwargs[key] = value
+    spec = FlowSpec(**kwargs, options=_freeze(raw))
+    if not spec.label:
+        spec = replace(spec, label=f"{spec.name}@{spec.integrator}")
+    return spec
+
+
+def parse_study(raw: Mapping[str, Any], source: str | None = None) -> Study:
+    """Validate a study mapping (as read from TOML) into a :class:`Study`."""
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(key, raw[key] if not isinstance(raw[key], Mapping) else "[...]",
+                              f"unknown section; allowed: {', '.join(SECTIONS)}", did_you_mean(key, SECTIONS))
+    for key in ("model", "data", "optimizer"):
+        if key not in raw:
+            raise ConfigError(f"[{key}]", None, "section is required")
+    opt_raw = raw["optimizer"]
+    if not isinstance(opt_raw, Mapping):
+        raise ConfigError("optimizer", opt_raw, "expected a table")
+    schedule_raw = opt_raw.get("schedule", {"name": "constant"})
+    if isinstance(schedule_raw, str):
+        schedule_raw = {"name": schedule_raw}
+    schedule = _named(ScheduleSection, "optimizer.schedule", schedule_raw, default_name="constant")
+    optimizer = _typed(OptimizerSection, "optimizer", opt_raw, schedule=schedule)
+    if optimizer.nesterov and (optimizer.momentum <= 0 or optimizer.dampening != 0):
+        raise ConfigError("optimizer.nesterov", True, "Nesterov momentum requires momentum > 0 and dampening = 0")
+    flows_raw = raw.get("flows", [])
+    if isinstance(flows_raw, Mapping):
+        flows_raw = [flows_raw]
+    if not isinstance(flows_raw, list | tuple):
+        raise ConfigError("flows", flows_raw, "expected a list of tables ([[flows]])")
+    flows = tuple(_flow(f, i) for i, f in enumerate(flows_raw))
+    labels = [f.label for f in flows]
+    for label in labels:
+        if label == "sgd" or labels.count(label) > 1:
+            raise ConfigError("flows.label", label, "labels must be unique and not 'sgd' (give each flow a label)")
+    study = Study(
+        study=_typed(StudySection, "study", raw.get("study", {})),
+        model=_named(NamedSection, "model", raw["model"]),
+        data=_named(DataSection, "data", raw["data"], chunk_size=optional(positive_int)),
+        loss=_named(LossSection, "loss", raw.get("loss", {}), default_name=_default_loss(raw),
+                    hvp=one_of("auto", "forward_over_reverse", "double_backward")),
+        optimizer=optimizer,
+        record=_typed(RecordSection, "record", raw.get("record", {})),
+        flows=flows,
+        source=source,
+    )
+    return study
+
+
+def _default_loss(raw: Mapping[str, Any]) -> str:
+    model = raw.get("model")
+    return "identity" if isinstance(model, Mapping) and model.get("name") == "quadratic" else "cross_entropy"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as TOML, else taken as strings)."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", item, "expected section.key=value, e.g. optimizer.lr=0.05")
+        path = key.strip().split(".")
+        node: Any = out
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError("--set", item, f"{'.'.join(path[:i])} has {len(node)} entries")
+                node = node[int(part)]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError("--set", item, f"{'.'.join(path[: i + 1])} is not a section")
+        if isinstance(node, list):
+            raise ConfigError("--set", item, "name a key inside a list entry, e.g. flows.0.rtol=1e-8")
+        node[path[-1]] = _parse_value(text.strip())
+    return out
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+    """Read and validate a TOML study file (with optional ``section.key=value`` overrides)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("study file", str(path), "no such file")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("study file", str(path), f"is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("study file", str(path), "is not a UTF-8 text file") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_study(raw, str(p))

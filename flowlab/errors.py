@@ -1,0 +1,39 @@
+"""Exceptions for bad input.
+
+Every error a user can cause by a study file, a command line or a Python call is a
+:class:`FlowlabError`: its message is one line that names the field, the value and what is
+allowed.  The CLI prints it and exits with status 2; nothing else in flowlab raises for bad
+input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class FlowlabError(Exception):
+    """Bad input, said in one line (field, value, what is allowed)."""
+
+
+class ConfigError(FlowlabError, ValueError):
+    """A study section, key or value that is not allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str, hint: str | None = None):
+        self.field, self.value, self.allowed = field, value, allowed
+        msg = f"{field} = {value!r}: {allowed}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice that looks most like ``name`` (for 'did you mean' hints)."""
+    import difflib
+
+    found = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    best = closest(name, choices)
+    return f"did you mean {best!r}?" if best else None

@@ -1,0 +1,308 @@
+"""The Problem: a model, a loss and a dataset seen as functions of ONE flat parameter vector θ.
+
+θ is laid out in ``module.named_parameters()`` order, each tensor flattened, exactly as
+``torch.nn.utils.parameters_to_vector`` does; :class:`ParamLayout` is that mapping (names, offsets,
+shapes) and is public: symmetry groups are index sets into it.
+
+Evaluation runs the model itself with its parameters living as views into one flat buffer (so a
+gradient is one backward pass with no gathering), in training mode (BatchNorm uses batch
+statistics).  Buffers such as BatchNorm running statistics are not parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Data
+from .errors import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+HVP_METHODS = ("auto", "forward_over_reverse", "double_backward")
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    name: str
+    offset: int
+    numel: int
+    shape: tuple[int, ...]
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+class ParamLayout:
+    """Where each named parameter lives in the flat θ."""
+
+    def __init__(self, entries: list[ParamEntry]):
+        self.entries = tuple(entries)
+        self.size = sum(e.numel for e in entries)
+        self._by_name = {e.name: e for e in entries}
+        self._sizes = [e.numel for e in entries]
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ParamLayout:
+        entries, offset = [], 0
+        for name, p in module.named_parameters():
+            entries.append(ParamEntry(name, offset, p.numel(), tuple(p.shape)))
+            offset += p.numel()
+        return cls(entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def __getitem__(self, name: str) -> ParamEntry:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of θ shaped like the parameters (differentiable)."""
+        parts = theta.split(self._sizes)
+        return {e.name: t.view(e.shape) for e, t in zip(self.entries, parts)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> torch.Tensor:
+        values = [tensors[e.name] for e in self.entries] if isinstance(tensors, dict) else list(tensors)
+        return torch.cat([t.reshape(-1) for t in values])
+
+    def name_of(self, index: int) -> str:
+        for e in self.entries:
+            if e.offset <= index < e.offset + e.numel:
+                return e.name
+        raise IndexError(index)
+
+    def to_dict(self) -> dict:
+        return {"names": self.names, "offsets": [e.offset for e in self.entries],
+                "shapes": [list(e.shape) for e in self.entries], "size": self.size}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ParamLayout:
+        entries = [ParamEntry(n, o, int(torch.Size(s).numel()), tuple(s))
+                   for n, o, s in zip(d["names"], d["offsets"], d["shapes"])]
+        return cls(entries)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("study.device", device, "CUDA is not available here; use 'cpu' or 'auto'")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError("study.device", device, "allowed: auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if dtype not in table:
+        raise ConfigError("study.dtype", dtype, "allowed: float32, float64")
+    return table[dtype]
+
+
+@contextmanager
+def _pure_batchnorm(module: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers (in training mode) use batch statistics without updating their
+    running statistics: evaluation is a pure function of θ (needed under torch.func transforms)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+class Problem:
+    """loss / grad / hvp of a model on data, as functions of one flat θ.
+
+    Parameters
+    ----------
+    module: the model; it is moved to ``device``/``dtype`` and its parameters are re-seated as views
+        into one flat buffer (the module keeps working as usual).
+    loss_fn: ``loss(output, target) -> scalar`` averaged over the batch.
+    data: the dataset (moved to the device; examples along dim 0).
+    chunk_size: the full-batch functions accumulate over chunks of at most this many examples, so a
+        full-batch gradient never holds the activations of the whole dataset at once.  With
+        BatchNorm each chunk is normalised with its own statistics.
+    hvp: ``forward_over_reverse`` (jvp of the gradient), ``double_backward``, or ``auto`` (time both on
+        the first call and keep the faster).
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 data: Data, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 chunk_size: int | None = None, hvp: str = "auto"):
+        if hvp not in HVP_METHODS:
+            raise ConfigError("problem.hvp", hvp, f"allowed: {', '.join(HVP_METHODS)}")
+        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        self.dtype = dtype
+        self.module = module.to(device=self.device, dtype=dtype).train()
+        self.loss_fn = loss_fn
+        self.data = data.to(self.device, dtype)
+        self.X, self.y = self.data.X, self.data.y
+        self.n = len(self.data)
+        self.chunk_size = int(chunk_size) if chunk_size else self.n
+        if self.chunk_size <= 0:
+            raise ConfigError("data.chunk_size", chunk_size, "expected a positive integer")
+        self.layout = ParamLayout.from_module(self.module)
+        self.dim = self.layout.size
+        if self.dim == 0:
+            raise ConfigError("model", type(module).__name__, "the model has no parameters")
+        self._params = [p for _, p in self.module.named_parameters()]
+        flat = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.device, dtype)
+        self._theta = flat
+        self._grad = torch.zeros_like(flat)
+        for p, (name, view) in zip(self._params, self.layout.unflatten(self._theta).items()):
+            p.data = view
+        for p, view in zip(self._params, self.layout.unflatten(self._grad).values()):
+            p.grad = view
+        self.theta0 = flat.clone()
+        self.hvp_method = hvp
+        self.counts = {"grad": 0, "loss": 0, "hvp": 0}
+
+    # ----------------------------------------------------------------- batches
+    def batch(self, index: torch.Tensor | slice | None = None) -> Batch:
+        if index is None:
+            return self.X, self.y
+        return self.X[index], self.y[index]
+
+    def chunks(self) -> Iterator[tuple[Batch, float]]:
+        """(batch, weight) pairs covering the whole dataset, weights summing to 1."""
+        if self.chunk_size >= self.n:
+            yield (self.X, self.y), 1.0
+            return
+        for start in range(0, self.n, self.chunk_size):
+            stop = min(start + self.chunk_size, self.n)
+            yield (self.X[start:stop], self.y[start:stop]), (stop - start) / self.n
+
+    # ------------------------------------------------------------- evaluation
+    def _load(self, theta: torch.Tensor) -> None:
+        if theta.data_ptr() != self._theta.data_ptr():
+            self._theta.copy_(theta.detach())
+
+    def _loss_on_module(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self.module(batch[0]), batch[1])
+
+    def functional_loss(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Loss as a differentiable, pure function of ``theta`` (usable under torch.func)."""
+        params = self.layout.unflatten(theta)
+        with _pure_batchnorm(self.module):
+            out = torch.func.functional_call(self.module, params, (batch[0],))
+        return self.loss_fn(out, batch[1])
+
+    def loss(self, theta: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        """L(θ; batch) (the whole dataset in one batch when ``batch`` is None)."""
+        batch = self.batch() if batch is None else batch
+        self.counts["loss"] += 1
+        with torch.no_grad():
+            self._load(theta)
+            return self._loss_on_module(batch).detach()
+
+    def loss_and_grad_(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, gradient) with the gradient in an internal buffer that the next call overwrites."""
+        self.counts["grad"] += 1
+        with torch.no_grad():
+            self._load(theta)
+            self._grad.zero_()
+        with torch.enable_grad():
+            loss = self._loss_on_module(batch)
+            loss.backward()
+        return loss.detach(), self._grad
+
+    def loss_and_grad(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, g = self.loss_and_grad_(theta, batch)
+        return loss, g.clone()
+
+    def grad(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """∇L(θ; batch) as a new flat tensor."""
+        return self.loss_and_grad(theta, batch)[1]
+
+    def hvp(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """H(θ; batch) v, by the method chosen at construction (``auto`` times both once)."""
+        if self.hvp_method == "auto":
+            self.hvp_method = self._choose_hvp(theta, v, batch)
+        self.counts["hvp"] += 1
+        if self.hvp_method == "forward_over_reverse":
+            return self._hvp_fwdrev(theta, v, batch)
+        return self._hvp_double(theta, v, batch)
+
+    def _hvp_fwdrev(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+        grad_fn = torch.func.grad(lambda th: self.functional_loss(th, batch))
+        with torch.enable_grad():
+            return torch.func.jvp(grad_fn, (theta.detach(),), (v.detach(),))[1].detach()
+
+    def _hvp_double(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.functional_loss(th, batch), th, create_graph=True)
+            (hv,) = torch.autograd.grad(g, th, grad_outputs=v.detach())
+        return hv.detach()
+
+    def _choose_hvp(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch, reps: int = 3) -> str:
+        timings = {}
+        for name, fn in (("forward_over_reverse", self._hvp_fwdrev), ("double_backward", self._hvp_double)):
+            fn(theta, v, batch)  # warm-up
+            self._sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(theta, v, batch)
+            self._sync()
+            timings[name] = time.perf_counter() - t0
+        self.hvp_timings = timings
+        return min(timings, key=timings.get)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------ full-batch versions
+    def full_loss(self, theta: torch.Tensor) -> torch.Tensor:
+        total = None
+        for batch, w in self.chunks():
+            val = self.loss(theta, batch) * w
+            total = val if total is None else total + val
+        return total
+
+    def full_loss_and_grad(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-batch (loss, gradient), accumulated chunk by chunk (``out`` receives the gradient)."""
+        out = torch.empty_like(self._grad) if out is None else out
+        total = None
+        for i, (batch, w) in enumerate(self.chunks()):
+            loss, g = self.loss_and_grad_(theta, batch)
+            if i == 0:
+                out.copy_(g) if w == 1.0 else torch.mul(g, w, out=out)
+                total = loss * w
+            else:
+                out.add_(g, alpha=w)
+                total = total + loss * w
+        return total, out
+
+    def full_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.full_loss_and_grad(theta)[1]
+
+    def full_hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        total = None
+        for batch, w in self.chunks():
+            hv = self.hvp(theta, v, batch)
+            total = hv if (total is None and w == 1.0) else (hv * w if total is None else total.add_(hv, alpha=w))
+        return total
+
+    def __repr__(self) -> str:
+        return (f"Problem({type(self.module).__name__}, {self.dim} parameters, {self.n} examples, "
+                f"{str(self.dtype).replace('torch.', '')}, {self.device})")

@@ -1,0 +1,194 @@
+"""The trajectory store: one ``xarray.Dataset`` per study, streamed to ``OUT/trajectory.zarr``.
+
+Rows are appended along ``time`` (and snapshots along ``snapshot``) in chunks by a background
+thread, so memory does not grow with the number of steps and the run does not wait on the disk.
+The zarr store (format 2, metadata consolidated when the run ends) opens with ``xr.open_zarr``
+while the run is still going; ``export_netcdf`` writes a netCDF copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .errors import FlowlabError
+from .recording import Variable
+
+STORE_NAME = "trajectory.zarr"
+CHUNK_BYTES = 8 << 20
+
+
+def _chunks(var: Variable, n_methods: int, rows: int) -> tuple[int, ...]:
+    per_row = max(1, int(np.prod(var.shape, dtype=np.int64))) * np.dtype(var.dtype).itemsize
+    if var.grows_along == "snapshot":
+        return (1, 1, *[min(s, max(1, CHUNK_BYTES // np.dtype(var.dtype).itemsize)) for s in var.shape])
+    rows = max(1, min(rows, CHUNK_BYTES // (per_row * n_methods)))
+    return (n_methods, rows, *var.shape)
+
+
+def skeleton(variables: Sequence[Variable], methods: Sequence[str], attrs: dict[str, Any]) -> xr.Dataset:
+    """An empty Dataset (zero-length ``time`` and ``snapshot``) with every variable declared."""
+    M = len(methods)
+    coords: dict[str, Any] = {
+        "method": ("method", np.array(methods, dtype=object)),
+        "time": ("time", np.zeros(0, dtype=np.float64), {"long_name": "t = Σ η_k"}),
+        "step": ("time", np.zeros(0, dtype=np.int64), {"long_name": "updates completed"}),
+        "snapshot": ("snapshot", np.zeros(0, dtype=np.float64), {"long_name": "time of the θ snapshot"}),
+        "snapshot_step": ("snapshot", np.zeros(0, dtype=np.int64)),
+    }
+    data_vars: dict[str, Any] = {
+        "status": ("method", np.array(["running"] * M, dtype=object)),
+        "wall_seconds": ("method", np.zeros(M)),
+        "n_grad_evals": ("method", np.zeros(M, dtype=np.int64)),
+    }
+    for v in variables:
+        for name, values in v.coords.items():
+            coords[name] = (name, np.asarray(values))
+        for name, (dim, values) in v.dim_coords.items():
+            coords[name] = (dim, np.asarray(values))
+        if v.grows_along is None:
+            data_vars[v.name] = (v.dims, np.full((M, *v.shape), np.nan, dtype=v.dtype), v.attrs)
+        else:
+            data_vars[v.name] = (v.dims, np.zeros((M, 0, *v.shape), dtype=v.dtype), v.attrs)
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+class TrajectoryWriter:
+    """Streams rows into a zarr store from a background thread."""
+
+    def __init__(self, path: str | Path, variables: Sequence[Variable], methods: Sequence[str],
+                 attrs: dict[str, Any], chunk_rows: int = 512, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists():
+            if not overwrite:
+                raise FlowlabError(f"output {self.path} exists: pass --overwrite (or choose another --out)")
+            shutil.rmtree(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.methods = list(methods)
+        self.variables = {v.name: v for v in variables}
+        ds = skeleton(variables, methods, attrs)
+        encoding = {v.name: {"chunks": _chunks(v, len(methods), chunk_rows)} for v in variables if v.grows_along}
+        for name in ("time", "step", "snapshot", "snapshot_step"):
+            encoding[name] = {"chunks": (max(chunk_rows, 64),)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.to_zarr(self.path, mode="w", zarr_format=2, consolidated=False, encoding=encoding)
+        import zarr
+
+        self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+        self.rows_written = {"time": 0, "snapshot": 0}
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="flowlab-writer", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- thread
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            try:
+                if task is None:
+                    return
+                if self._error is None:
+                    task[0](*task[1:])
+            except BaseException as exc:  # kept and re-raised in the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _submit(self, *task: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(task)
+
+    def _append(self, dim: str, arrays: dict[str, np.ndarray], steps: np.ndarray, times: np.ndarray) -> None:
+        step_name = "step" if dim == "time" else "snapshot_step"
+        self.group[dim].append(times, axis=0)
+        self.group[step_name].append(steps, axis=0)
+        for name, values in arrays.items():
+            self.group[name].append(values, axis=1)
+        self.rows_written[dim] += len(times)
+
+    def _set(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, values in arrays.items():
+            self.group[name][...] = values
+
+    # ------------------------------------------------------------------ API
+    def append(self, dim: str, arrays: dict[str, np.ndarray], steps: np.ndarray, times: np.ndarray) -> None:
+        """Append rows along ``dim`` (``time`` or ``snapshot``): arrays are (method, rows, ...)."""
+        if len(times):
+            self._submit(self._append, dim, arrays, steps, times)
+
+    def set(self, arrays: dict[str, np.ndarray]) -> None:
+        """Overwrite per-method variables (status, wall_seconds, ...)."""
+        self._submit(self._set, {k: np.asarray(v) for k, v in arrays.items()})
+
+    def wait(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        import zarr
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(self.path), zarr_format=2)
+        if self._error is not None:
+            raise self._error
+
+
+def _zarr_path(out: str | Path) -> Path:
+    p = Path(out)
+    if p.suffix == ".zarr":
+        return p
+    return p / STORE_NAME
+
+
+def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
+    """Open a run's Dataset: ``out`` is its output folder, a ``.zarr`` store or a netCDF file."""
+    p = Path(out)
+    if p.is_file() and p.suffix in (".nc", ".nc4", ".netcdf", ".h5"):
+        ds = xr.open_dataset(p, engine="h5netcdf")
+        return ds.load() if load else ds
+    z = _zarr_path(p)
+    if not z.exists():
+        raise FlowlabError(f"result {out}: no {STORE_NAME} there (is it the --out folder of a run?)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = xr.open_zarr(z, consolidated=True, chunks=None)
+        except (KeyError, FileNotFoundError, ValueError):
+            ds = xr.open_zarr(z, consolidated=False, chunks=None)
+    return ds.load() if load else ds
+
+
+def export_netcdf(out: str | Path, path: str | Path) -> Path:
+    """Write a run's Dataset to a netCDF-4 file (h5netcdf)."""
+    ds = open_result(out, load=True)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    encoding = {name: {"zlib": True, "complevel": 4} for name, v in ds.data_vars.items()
+                if v.dtype.kind == "f" and v.size > 0}
+    ds.to_netcdf(target, engine="h5netcdf", encoding=encoding, invalid_netcdf=False)
+    return target
+
+
+def attrs_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=lambda o: repr(o))
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else math.nan
