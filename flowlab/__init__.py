@@ -23,13 +23,17 @@ __all__ = [
 ]
 
 
+REGISTRIES: dict = {"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "schedules": SCHEDULES}
+
+
+def register_registry(title: str, registry) -> None:
+    """Plugins add their registries (flows, integrators, ...) so `flowlab list` shows them."""
+    REGISTRIES[title] = registry
+
+
 def registries() -> dict:
     """Every registry by title (what ``flowlab list`` prints)."""
-    out = {"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "schedules": SCHEDULES}
-    try:
-        from .flows import FLOWS, INTEGRATORS
+    from .plugins import load_plugins
 
-        out.update({"flows": FLOWS, "integrators": INTEGRATORS})
-    except ImportError:
-        pass
-    return out
+    load_plugins()
+    return dict(REGISTRIES)

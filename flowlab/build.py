@@ -43,14 +43,9 @@ def build_data(study: Study, input_shape: tuple[int, ...] | None = None) -> Data
 def build_model(study: Study, data: Data) -> nn.Module:
     fn = MODELS.resolve(study.model.name, "model.name")
     torch.manual_seed(study.study.seed)
-    dtype = resolve_dtype(study.study.dtype)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # builders that make tensors (quadratic) make them in the study's dtype
-    try:
-        module = call_with_options(fn, study.model.options, "model", input_shape=data.input_shape,
-                                   num_outputs=data.num_outputs)
-    finally:
-        torch.set_default_dtype(previous)
+    # built as a user would (default dtype, seeded), then cast: `net().double()` gives the same θ0
+    module = call_with_options(fn, study.model.options, "model", input_shape=data.input_shape,
+                               num_outputs=data.num_outputs)
     if not isinstance(module, nn.Module):
         raise ConfigError("model.name", study.model.name, f"returned {type(module).__name__}, not a torch.nn.Module")
     return module

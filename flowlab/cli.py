@@ -125,15 +125,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _load_plugins() -> None:
-    """Import the modules that add commands (each registers itself when imported)."""
-    import importlib
+    """Import the optional parts; each registers its commands with :func:`register_command`."""
+    from .plugins import load_plugins
 
-    for module in ("flowlab.symmetry.cli", "flowlab.flows.cli", "flowlab.theory.cli"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
-                raise
+    load_plugins()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -195,9 +195,18 @@ class FlowSpec:
         return d
 
 
+# Sections added by plugins (``[symmetry]``, ``[theory]``, ...): name → parser(raw table) → frozen object
+# with a ``to_dict()`` method.  A plugin registers its parser when imported.
+SECTION_PARSERS: dict[str, Callable[[Any], Any]] = {}
+
+
+def register_section(name: str, parser: Callable[[Any], Any]) -> None:
+    SECTION_PARSERS[name] = parser
+
+
 @dataclass(frozen=True)
 class Study:
-    """A validated study.  ``raw`` keeps the merged TOML mapping it came from."""
+    """A validated study (the sections of its TOML file as frozen config objects)."""
 
     study: StudySection
     model: NamedSection
@@ -207,6 +216,13 @@ class Study:
     record: RecordSection
     flows: tuple[FlowSpec, ...] = ()
     source: str | None = None
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> Any:
+        """A plugin section's config object (parsed from ``{}`` when the study has none)."""
+        if name in self.sections:
+            return self.sections[name]
+        return SECTION_PARSERS[name]({})
 
     @property
     def name(self) -> str:
@@ -222,6 +238,7 @@ class Study:
                              if f.name != "schedule"}, "schedule": self.optimizer.schedule.to_dict()},
             "record": asdict(self.record),
             "flows": [f.to_dict() for f in self.flows],
+            **{name: obj.to_dict() for name, obj in self.sections.items()},
         }
 
     def to_json(self) -> str:
@@ -323,10 +340,14 @@ def _flow(raw: Any, index: int) -> FlowSpec:
 
 def parse_study(raw: Mapping[str, Any], source: str | None = None) -> Study:
     """Validate a study mapping (as read from TOML) into a :class:`Study`."""
+    from .plugins import load_plugins
+
+    load_plugins()
+    allowed = SECTIONS + tuple(SECTION_PARSERS)
     for key in raw:
-        if key not in SECTIONS:
+        if key not in allowed:
             raise ConfigError(key, raw[key] if not isinstance(raw[key], Mapping) else "[...]",
-                              f"unknown section; allowed: {', '.join(SECTIONS)}", did_you_mean(key, SECTIONS))
+                              f"unknown section; allowed: {', '.join(allowed)}", did_you_mean(key, allowed))
     for key in ("model", "data", "optimizer"):
         if key not in raw:
             raise ConfigError(f"[{key}]", None, "section is required")
@@ -360,6 +381,7 @@ def parse_study(raw: Mapping[str, Any], source: str | None = None) -> Study:
         record=_typed(RecordSection, "record", raw.get("record", {})),
         flows=flows,
         source=source,
+        sections={name: SECTION_PARSERS[name](raw[name]) for name in SECTION_PARSERS if name in raw},
     )
     return study
 

@@ -73,7 +73,7 @@ class Quadratic(nn.Module):
 def quadratic(A: Sequence[Sequence[float]] = ((2.5, -1.5), (-1.5, 2.5)), theta0: Sequence[float] | None = None,
               input_shape: Sequence[int] | None = None) -> nn.Module:
     """½(θ−x)ᵀA(θ−x) with a given symmetric matrix A (default: the paper's Fig. 4 quadratic)."""
-    A_t = torch.as_tensor(A, dtype=torch.get_default_dtype())
+    A_t = torch.as_tensor(A, dtype=torch.float64)
     if A_t.ndim != 2 or A_t.shape[0] != A_t.shape[1]:
         raise ConfigError("model.A", A, "expected a square matrix (list of rows)")
     if not torch.allclose(A_t, A_t.T):

@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 class Variable:
     """A variable of the trajectory Dataset.
 
-    ``dims`` start with ``method``; the second dim is the one it grows along (``time`` or
-    ``snapshot``), or it has only ``method`` (a per-method summary).  ``coords`` gives coordinate
-    values for any further dims it introduces (``proj``, ``group``...), ``dim_coords`` non-index
-    coordinates on those dims (name → (dim, values)).
+    ``dims`` are ``("method", GROW, ...)`` for a per-method variable or ``(GROW, ...)`` for one of
+    the discrete run alone (``grad_term``), where GROW is the dim it grows along (``time`` or
+    ``snapshot``); ``("method",)`` alone is a per-method summary.  ``shape`` gives the sizes of the
+    dims after GROW; ``coords`` coordinate values for new dims (``proj``, ``group``...),
+    ``dim_coords`` non-index coordinates on them (name → (dim, values)).
     """
 
     name: str
@@ -44,8 +45,13 @@ class Variable:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def per_method(self) -> bool:
+        return self.dims[0] == "method"
+
+    @property
     def grows_along(self) -> str | None:
-        return self.dims[1] if len(self.dims) > 1 and self.dims[1] in ("time", "snapshot") else None
+        i = 1 if self.per_method else 0
+        return self.dims[i] if len(self.dims) > i and self.dims[i] in ("time", "snapshot") else None
 
 
 @dataclass
@@ -113,7 +119,8 @@ class Rows:
         for v in variables:
             tdtype = _torch_dtype(v.dtype)
             fill = math.nan if tdtype.is_floating_point else 0
-            self.data[v.name] = torch.full((n_methods, capacity, *v.shape), fill, dtype=tdtype, device=device)
+            lead = (n_methods, capacity) if v.per_method else (capacity,)
+            self.data[v.name] = torch.full((*lead, *v.shape), fill, dtype=tdtype, device=device)
         self.steps = np.zeros(capacity, dtype=np.int64)
         self.times = np.zeros(capacity, dtype=np.float64)
         self.n = 0  # rows filled
@@ -124,11 +131,18 @@ class Rows:
         self.steps[self.row], self.times[self.row] = step, time
         self.n += 1
 
-    def put(self, name: str, method_index: int, value: torch.Tensor | float) -> None:
-        self.data[name][method_index, self.row] = value
+    def put(self, name: str, method_index: int | None, value: torch.Tensor | float) -> None:
+        """Store ``value`` in the current row (``method_index`` None for a variable without a method dim)."""
+        if method_index is None:
+            self.data[name][self.row] = value
+        else:
+            self.data[name][method_index, self.row] = value
 
-    def put_at(self, name: str, method_index: int, row: int, value: torch.Tensor) -> None:
-        self.data[name][method_index, row] = value
+    def put_at(self, name: str, method_index: int | None, row: int, value: torch.Tensor) -> None:
+        if method_index is None:
+            self.data[name][row] = value
+        else:
+            self.data[name][method_index, row] = value
 
     @property
     def full(self) -> bool:
@@ -136,9 +150,11 @@ class Rows:
 
     def take(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         n = self.n
-        arrays = {k: v[:, :n].detach().cpu().numpy().copy() for k, v in self.data.items()}
-        for t in self.data.values():
-            t[:, :n] = math.nan if t.dtype.is_floating_point else 0
+        arrays = {}
+        for k, t in self.data.items():
+            part = t[:, :n] if self.variables[k].per_method else t[:n]
+            arrays[k] = part.detach().cpu().numpy().copy()
+            part.fill_(math.nan if t.dtype.is_floating_point else 0)
         steps, times = self.steps[:n].copy(), self.times[:n].copy()
         self.n, self.row = 0, -1
         return arrays, steps, times
@@ -275,6 +291,14 @@ class SnapshotRecorder(Recorder):
 
     def snapshot(self, rows: Rows, point: Point) -> None:
         rows.put("theta", point.index, point.theta)
+
+
+# Plugins add recorders to every run: factory(ctx) -> list[Recorder] (may be empty).
+RECORDER_FACTORIES: list = []
+
+
+def register_recorders(factory) -> None:
+    RECORDER_FACTORIES.append(factory)
 
 
 def core_recorders(study: Study) -> list[Recorder]:

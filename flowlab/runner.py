@@ -22,7 +22,8 @@ from . import __version__
 from .build import Built, build
 from .config import Study
 from .errors import FlowlabError
-from .recording import Point, Recorder, Rows, RunContext, StepInfo, Variable, core_recorders
+from .plugins import load_plugins
+from .recording import RECORDER_FACTORIES, Point, Recorder, Rows, RunContext, StepInfo, Variable, core_recorders
 from .sgd import DiscreteSGD
 from .store import STORE_NAME, TrajectoryWriter, attrs_json, open_result
 
@@ -38,6 +39,15 @@ class Follower(Protocol):
     def advance_to(self, time: float) -> None: ...
 
     def point(self, index: int, step: int, time: float) -> Point: ...
+
+
+# Set by the flows plugin: built -> list[Follower], one per [[flows]] entry.
+FOLLOWER_FACTORY = None
+
+
+def set_follower_factory(factory) -> None:
+    global FOLLOWER_FACTORY
+    FOLLOWER_FACTORY = factory
 
 
 @dataclass
@@ -128,6 +138,7 @@ class Run:
         self.out = Path(out) if out is not None else default_out(study)
         self.overwrite = overwrite
         self.show_progress = progress
+        load_plugins()
         self.built = built or build(study)
         self.problem = self.built.problem
         self.extra_recorders = list(recorders)
@@ -136,11 +147,9 @@ class Run:
     def _followers(self) -> list[Follower]:
         if not self.study.flows:
             return []
-        try:
-            from .flows import build_followers
-        except ImportError:
-            raise FlowlabError("[[flows]] needs the flows module, which this flowlab does not have yet") from None
-        return build_followers(self.built)
+        if FOLLOWER_FACTORY is None:
+            raise FlowlabError("[[flows]] needs the flows module, which this flowlab does not have yet")
+        return FOLLOWER_FACTORY(self.built)
 
     def _attrs(self) -> dict[str, Any]:
         return {
@@ -169,7 +178,10 @@ class Run:
         snap_steps = snapshot_grid(record_steps, rec.snapshot_every)
         ctx = RunContext(study, problem, methods, opt.steps, record_steps, times[record_steps], snap_steps,
                          self.built.lrs, extras={"followers": followers, "sgd": sgd})
-        recorders = core_recorders(study) + self.extra_recorders
+        recorders = core_recorders(study)
+        for factory in RECORDER_FACTORIES:
+            recorders += factory(ctx)
+        recorders += self.extra_recorders
         variables: list[Variable] = []
         for r in recorders:
             variables += r.variables(ctx)
@@ -230,6 +242,8 @@ class Run:
                     points = [Point("sgd", 0, k, float(times[k]), sgd.theta, sgd.loss, sgd.grad, sgd.buf,
                                     reference=sgd.theta)]
                     for i, f in enumerate(followers, start=1):
+                        if f.status != "running":  # a stopped flow keeps its rows empty (NaN) from here on
+                            continue
                         p = f.point(i, k, float(times[k]))
                         p.reference = sgd.theta
                         points.append(p)
