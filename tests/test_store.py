@@ -1,0 +1,137 @@
+"""The trajectory store: what was recorded is what comes back (zarr and netCDF), streamed in chunks."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from conftest import small_study
+
+import flowlab
+from flowlab.recording import Recorder
+from flowlab.sgd import DiscreteSGD
+
+
+class Tape(Recorder):
+    """Keeps an independent copy of everything the run hands to the recorders."""
+
+    def __init__(self):
+        self.rows, self.snaps = [], []
+
+    def record(self, rows, point):
+        self.rows.append((point.step, point.time, point.theta.clone(), float(point.loss)))
+
+    def snapshot(self, rows, point):
+        self.snaps.append((point.step, point.theta.clone()))
+
+
+def _run(tmp_path, **kw):
+    raw = small_study(**kw)
+    tape = Tape()
+    ds = flowlab.run(flowlab.parse_study(raw), tmp_path / "out", recorders=[tape])
+    return ds, tape, raw
+
+
+def test_round_trip_zarr_and_netcdf(tmp_path):
+    ds, tape, _ = _run(tmp_path, optimizer={"steps": 37, "momentum": 0.9}, record={"every": 2, "chunk": 5,
+                                                                                    "snapshot_every": 10})
+    steps = [s for s, *_ in tape.rows]
+    assert ds.step.values.tolist() == steps == list(range(0, 37, 2)) + [37]
+    np.testing.assert_array_equal(ds.time.values, [t for _, t, *_ in tape.rows])
+    np.testing.assert_array_equal(ds.loss.sel({"method": "sgd"}).values, [l for *_, l in tape.rows])
+    # projections: seeded Gaussian matrix applied to the recorded θ
+    R = torch.randn(4, len(tape.rows[0][2]), generator=torch.Generator().manual_seed(0 + 7919),
+                    dtype=torch.float64) / np.sqrt(len(tape.rows[0][2]))
+    expected = torch.stack([R @ th for _, _, th, _ in tape.rows]).numpy()
+    np.testing.assert_allclose(ds.projection.sel({"method": "sgd"}).values, expected, rtol=1e-13, atol=1e-15)
+    # snapshots: t = 0, every 10 steps (first record at or after), and the end
+    assert ds.snapshot_step.values.tolist() == [0, 10, 20, 30, 37]
+    np.testing.assert_array_equal(ds.theta.sel({"method": "sgd"}).values, torch.stack([t for _, t in tape.snaps]).numpy())
+    assert ds.snapshot.values.tolist() == [ds.time.values[steps.index(s)] for s in [0, 10, 20, 30, 37]]
+    assert ds.status.values.tolist() == ["ok"] and int(ds.n_grad_evals.values[0]) == 38
+    assert np.all(ds.distance.values == 0)
+    # reopening gives the same Dataset; netCDF export too
+    again = flowlab.open_result(tmp_path / "out", load=True)
+    xr.testing.assert_identical(again, ds.load())
+    nc = flowlab.export_netcdf(tmp_path / "out", tmp_path / "copy.nc")
+    back = flowlab.open_result(nc, load=True)
+    for name in ds.data_vars:
+        np.testing.assert_array_equal(back[name].values, ds[name].values)
+    assert back.attrs["study"] == ds.attrs["study"]
+
+
+def test_attrs_hold_config_versions_and_layout(tmp_path):
+    import json
+
+    ds, _, raw = _run(tmp_path, optimizer={"steps": 3})
+    cfg = json.loads(ds.attrs["study"])
+    assert cfg["optimizer"]["lr"] == raw["optimizer"]["lr"] and cfg["model"]["widths"] == [16]
+    versions = json.loads(ds.attrs["versions"])
+    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+    layout = flowlab.ParamLayout.from_dict(json.loads(ds.attrs["param_layout"]))
+    assert layout.size == ds.sizes["param"] and layout.names[0].endswith("weight")
+    assert "git_commit" in ds.attrs
+
+
+def test_snapshots_match_an_independent_run(tmp_path):
+    ds, _, raw = _run(tmp_path, optimizer={"steps": 25, "momentum": 0.5, "weight_decay": 1e-3},
+                      record={"every": 5, "snapshot_every": "ends"})
+    built = flowlab.build(flowlab.parse_study(raw))
+    sgd = DiscreteSGD(built.problem, built.study.optimizer, built.lrs, 0)
+    for _ in range(25):
+        sgd.evaluate()
+        sgd.update()
+    assert ds.snapshot_step.values.tolist() == [0, 25]
+    np.testing.assert_array_equal(ds.theta.values[0, 0], built.problem.theta0.numpy())
+    np.testing.assert_array_equal(ds.theta.values[0, -1], sgd.theta.numpy())
+
+
+def test_divergence_is_a_status_and_keeps_the_data(tmp_path):
+    ds, tape, _ = _run(tmp_path, model={"name": "mlp", "widths": [16], "activation": "relu"},
+                       loss={"name": "mse"}, optimizer={"lr": 50.0, "steps": 400, "batch_size": None})
+    status = str(ds.status.values[0])
+    assert status.startswith("diverged: non-finite loss at step")
+    k = int(status.rsplit(" ", 1)[1])
+    assert 0 < k < 400 and ds.step.values[-1] == k
+    assert np.isfinite(ds.loss.values[0, :-1]).all() and not np.isfinite(ds.loss.values[0, -1])
+
+
+def test_existing_result_is_not_overwritten(tmp_path):
+    raw = small_study(optimizer={"steps": 2})
+    flowlab.run(flowlab.parse_study(raw), tmp_path / "o")
+    with pytest.raises(flowlab.FlowlabError, match="exists"):
+        flowlab.run(flowlab.parse_study(raw), tmp_path / "o")
+    flowlab.run(flowlab.parse_study(raw), tmp_path / "o", overwrite=True)
+
+
+def test_store_is_readable_while_running(tmp_path):
+    """Rows reach the disk in chunks during the run (a reader sees a growing prefix)."""
+    seen = []
+
+    class Peek(Recorder):
+        def after_update(self, info):
+            if info.step in (30, 60):
+                from flowlab.store import open_result
+
+                rt = getattr(self, "rt", None)
+                if rt is None:
+                    return
+                rt.wait()
+                seen.append(open_result(tmp_path / "o").sizes["time"])
+
+    raw = small_study(optimizer={"steps": 70}, record={"chunk": 8})
+    study = flowlab.parse_study(raw)
+    run = flowlab.Run(study, tmp_path / "o", recorders=[Peek()])
+    import flowlab.store as store
+
+    original = store.TrajectoryWriter.__init__
+
+    def spy_init(self, *a, **k):
+        original(self, *a, **k)
+        run.extra_recorders[0].rt = self
+
+    store.TrajectoryWriter.__init__ = spy_init
+    try:
+        run.execute()
+    finally:
+        store.TrajectoryWriter.__init__ = original
+    assert seen == [24, 56]  # whole chunks of 8 rows written so far
