@@ -174,7 +174,7 @@ class Problem:
             p.grad = view
         self.theta0 = flat.clone()
         self.hvp_method = hvp
-        self.counts = {"grad": 0, "loss": 0, "hvp": 0}
+        self.counts = {"grad": 0, "loss": 0, "hvp": 0, "d3": 0}
 
     # ----------------------------------------------------------------- batches
     def batch(self, index: torch.Tensor | slice | None = None) -> Batch:
@@ -254,6 +254,19 @@ class Problem:
             (hv,) = torch.autograd.grad(g, th, grad_outputs=v.detach())
         return hv.detach()
 
+    def d3(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """∇_θ (vᵀ H(θ; batch) v) with v held fixed: the third-derivative contraction ∇³L[v, v]
+        (reverse over forward over forward: vᵀHv = d²/ds² L(θ + sv) at s = 0)."""
+        self.counts["d3"] += 1
+        f = lambda th: self.functional_loss(th, batch)  # noqa: E731
+        v = v.detach()
+
+        def vhv(th: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(lambda s: torch.func.jvp(f, (s,), (v,))[1], (th,), (v,))[1]
+
+        with torch.enable_grad():
+            return torch.func.grad(vhv)(theta.detach()).detach()
+
     def _choose_hvp(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch, reps: int = 3) -> str:
         timings = {}
         for name, fn in (("forward_over_reverse", self._hvp_fwdrev), ("double_backward", self._hvp_double)):
@@ -301,6 +314,14 @@ class Problem:
         for batch, w in self.chunks():
             hv = self.hvp(theta, v, batch)
             total = hv if (total is None and w == 1.0) else (hv * w if total is None else total.add_(hv, alpha=w))
+        return total
+
+    def full_d3(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Full-batch ∇_θ (vᵀ H(θ) v) (v fixed), accumulated over chunks."""
+        total = None
+        for batch, w in self.chunks():
+            t = self.d3(theta, v, batch)
+            total = t if (total is None and w == 1.0) else (t * w if total is None else total.add_(t, alpha=w))
         return total
 
     def __repr__(self) -> str:

@@ -1,0 +1,338 @@
+"""Integrators: every torchdiffeq method (``torchdiffeq:<method>``) and flowlab's fixed-step
+``flowlab:rk4`` / ``flowlab:euler`` / ``flowlab:midpoint``.
+
+All integrate interval by interval (``session.advance(t1)``), holding one state.  Adaptive
+torchdiffeq methods keep their step size across intervals and return the state at ``t1`` from their
+dense output (steps are not cut at recording times); fixed-step methods cut each interval into
+⌈Δt/dt⌉ equal steps so they land exactly on every recording time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .base import Flow, FlowStopped, Hyper, Integrator, Ops
+from .registry import INTEGRATORS
+
+DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-5}
+DEFAULT_MAX_STEPS = 100_000
+
+
+def _dtype_of(state: tuple) -> torch.dtype:
+    return state[0].dtype
+
+
+class _Field:
+    """The flow's vector field on a flat torch state (θ, or θ and θ' concatenated), counted."""
+
+    def __init__(self, flow: Flow, ops: Ops, hp: Hyper, size: int, parts: int):
+        self.flow, self.ops, self.hp, self.m, self.parts = flow, ops, hp, size, parts
+        self.nfe = 0
+        self.nonfinite = 0
+
+    def split(self, y: torch.Tensor) -> tuple:
+        if self.parts == 1:
+            return (y,)
+        return tuple(y[i * self.m:(i + 1) * self.m] for i in range(self.parts))
+
+    def join(self, parts: tuple) -> torch.Tensor:
+        if self.parts == 1:
+            return parts[0]
+        return torch.cat(parts)
+
+    def __call__(self, t: Any, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        out = self.join(self.flow.vector_field(t, self.split(y), self.ops, self.hp))
+        return out
+
+
+def _flat(state: tuple) -> torch.Tensor:
+    if len(state) == 1:
+        return state[0].detach().clone()
+    return torch.cat([s.detach().reshape(-1) for s in state])
+
+
+def _check_finite(y: torch.Tensor, t: float, name: str) -> None:
+    if not bool(torch.isfinite(y).all()):
+        raise FlowStopped(f"blew up: non-finite state at t={t:.6g} ({name})")
+
+
+# --------------------------------------------------------------------------- torchdiffeq
+
+
+def _torchdiffeq():
+    try:
+        import importlib
+
+        _odeint_mod = importlib.import_module("torchdiffeq._impl.odeint")
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise ConfigError("flows.integrator", "torchdiffeq:*", f"torchdiffeq is not installed ({exc})") from None
+    return _odeint_mod
+
+
+class TorchdiffeqIntegrator(Integrator):
+    """A torchdiffeq method: adaptive ones take rtol/atol (defaults 1e-7/1e-9 in float64, 1e-5/1e-7
+    in float32), fixed-grid ones need ``dt``.  Options: ``max_steps`` (per recording interval) and
+    any option of the torchdiffeq solver (``first_step``, ``max_step``, ``safety``...)."""
+
+    method: str = "dopri5"
+
+    def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
+                 max_steps: int = DEFAULT_MAX_STEPS, **solver_options: Any):
+        mod = _torchdiffeq()
+        self.solver_cls = mod.SOLVERS[self.method]
+        from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+        from torchdiffeq._impl.solvers import FixedGridODESolver
+
+        self.adaptive = issubclass(self.solver_cls, RKAdaptiveStepsizeODESolver)
+        self.fixed = issubclass(self.solver_cls, FixedGridODESolver)
+        self.kind = "fixed" if self.fixed else "adaptive"
+        if self.fixed and dt is None:
+            raise ConfigError("flows.dt", None, f"torchdiffeq:{self.method} is a fixed-step method: give dt")
+        if not isinstance(max_steps, int) or max_steps <= 0:
+            raise ConfigError("flows.integrator_options.max_steps", max_steps, "expected a positive integer")
+        self.rtol, self.atol, self.dt = rtol, atol, dt
+        self.max_steps = max_steps
+        self.solver_options = dict(solver_options)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"torchdiffeq:{self.method}"
+
+    def tols(self, dtype: torch.dtype) -> tuple[float, float]:
+        rtol = self.rtol if self.rtol is not None else DEFAULT_RTOL.get(dtype, 1e-7)
+        atol = self.atol if self.atol is not None else rtol * 1e-2
+        return rtol, atol
+
+    def start(self, flow, ops, hp, t0, state):
+        return _TorchdiffeqSession(self, flow, ops, hp, float(t0), state)
+
+    def tightened(self, factor: float = 10.0) -> TorchdiffeqIntegrator:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if self.fixed:
+            new.dt = self.dt / factor
+        else:
+            dtype = torch.float64
+            rtol, atol = self.tols(dtype)
+            new.rtol, new.atol = rtol / factor, atol / factor
+        return new
+
+    def describe(self) -> dict:
+        return {"name": self.name, "rtol": self.rtol, "atol": self.atol, "dt": self.dt, "max_steps": self.max_steps,
+                **self.solver_options}
+
+
+class _TorchdiffeqSession:
+    def __init__(self, integ: TorchdiffeqIntegrator, flow: Flow, ops: Ops, hp: Hyper, t0: float, state: tuple):
+        self.integ, self.flow, self.t = integ, flow, t0
+        y0 = _flat(state)
+        self.m = state[0].numel()
+        self.field = _Field(flow, ops, hp, self.m, len(state))
+        self.y = y0
+        self.steps = 0
+        self.solver = None
+        self.rtol, self.atol = integ.tols(y0.dtype)
+        if integ.adaptive:
+            self._start_adaptive(y0, t0)
+
+    @property
+    def nfe(self) -> int:
+        return self.field.nfe
+
+    @property
+    def state(self) -> tuple:
+        return self.field.split(self.y)
+
+    def _func(self):
+        field = self
+
+        def func(t, y):
+            return field.field(t, y)
+
+        return func
+
+    def _start_adaptive(self, y0: torch.Tensor, t0: float) -> None:
+        mod = _torchdiffeq()
+        from torchdiffeq._impl.misc import _check_inputs
+
+        options = dict(self.integ.solver_options, max_num_steps=self.integ.max_steps)
+        t = torch.tensor([t0, t0 + 1.0], dtype=torch.float64, device=y0.device)
+        _, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(
+            self._func(), y0, t, self.rtol, self.atol, self.integ.method, options, None, mod.SOLVERS)
+        counter = self
+
+        def on_accept(t0_, y0_, dt_):
+            counter.steps += 1
+
+        func.callback_accept_step = on_accept
+        self.solver = mod.SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
+        try:
+            with torch.no_grad():
+                self.solver._before_integrate(t)
+        except AssertionError as exc:
+            raise FlowStopped(self._reason(exc)) from None
+
+    def _reason(self, exc: BaseException) -> str:
+        msg = str(exc)
+        where = f"at t={self.t:.6g}"
+        if "max_num_steps" in msg:
+            return f"stopped: more than max_steps={self.integ.max_steps} steps in one interval {where}"
+        if "underflow" in msg:
+            return f"blew up: step size underflow {where}"
+        if "non-finite" in msg:
+            return f"blew up: non-finite state {where}"
+        return f"failed {where}: {msg.splitlines()[0][:200]}"
+
+    def advance(self, t1: float) -> tuple:
+        t1 = float(t1)
+        if t1 <= self.t:
+            return self.state
+        try:
+            with torch.no_grad():
+                if self.solver is not None:
+                    y = self.solver._advance(torch.tensor(t1, dtype=torch.float64, device=self.y.device))
+                else:
+                    y = self._advance_fixed(t1)
+        except AssertionError as exc:
+            raise FlowStopped(self._reason(exc)) from None
+        self.t = t1
+        _check_finite(y, t1, self.integ.name)
+        self.y = y
+        return self.state
+
+    def _advance_fixed(self, t1: float) -> torch.Tensor:
+        mod = _torchdiffeq()
+        n = max(1, math.ceil((t1 - self.t) / self.integ.dt - 1e-9))
+        options = dict(self.integ.solver_options, step_size=(t1 - self.t) / n)
+        t = torch.tensor([self.t, t1], dtype=self.y.dtype, device=self.y.device)
+        y = mod.odeint(self._func(), self.y, t, rtol=self.rtol, atol=self.atol, method=self.integ.method,
+                       options=options)[-1]
+        self.steps += n
+        return y
+
+
+def _register_torchdiffeq() -> None:
+    try:
+        mod = _torchdiffeq()
+    except ConfigError:  # pragma: no cover
+        return
+    for method, solver in mod.SOLVERS.items():
+        doc = f"torchdiffeq's {method} ({solver.__name__}); " + (
+            "rtol/atol" if "Fixed" not in " ".join(c.__name__ for c in solver.__mro__) else "fixed step: dt")
+        cls = type(f"Torchdiffeq_{method}", (TorchdiffeqIntegrator,), {"method": method, "__doc__": doc})
+        INTEGRATORS.add(f"torchdiffeq:{method}", cls, doc)
+
+
+_register_torchdiffeq()
+
+
+# -------------------------------------------------------------------------- fixed step
+
+# Butcher tableaux of explicit methods: (a rows, b weights)
+TABLEAUX = {
+    "euler": ((), (1.0,)),
+    "midpoint": (((0.5,),), (0.0, 1.0)),
+    "rk4": (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+}
+
+
+class FixedStepIntegrator(Integrator):
+    """flowlab's explicit fixed-step Runge–Kutta: in the problem's own device tensors, under
+    ``torch.no_grad`` (no graph kept), each interval cut into ⌈Δt/dt⌉ equal steps (``dt``: default
+    the discrete run's learning rate η).  ``check_every``: test the state for non-finite values every
+    so many steps (0: at the end of each interval only; each test syncs a GPU)."""
+
+    kind = "fixed"
+    scheme = "rk4"
+
+    def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
+                 check_every: int = 1):
+        if rtol is not None or atol is not None:
+            raise ConfigError("flows.rtol", rtol if rtol is not None else atol,
+                              f"flowlab:{self.scheme} is a fixed-step method: give dt, not rtol/atol")
+        self.dt = dt
+        self.check_every = check_every
+        self.a, self.b = TABLEAUX[self.scheme]
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"flowlab:{self.scheme}"
+
+    def start(self, flow, ops, hp, t0, state):
+        return _FixedSession(self, flow, ops, hp, float(t0), state)
+
+    def tightened(self, factor: float = 10.0) -> FixedStepIntegrator:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.dt = None if self.dt is None else self.dt / factor
+        new._factor = getattr(self, "_factor", 1.0) * factor
+        return new
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dt": self.dt}
+
+
+class _FixedSession:
+    def __init__(self, integ: FixedStepIntegrator, flow: Flow, ops: Ops, hp: Hyper, t0: float, state: tuple):
+        self.integ, self.flow, self.ops, self.hp, self.t = integ, flow, ops, hp, t0
+        self.state = tuple(s.detach().clone() for s in state)
+        self.dt = integ.dt if integ.dt is not None else hp.lr / getattr(integ, "_factor", 1.0)
+        self.nfe = 0
+        self.steps = 0
+
+    def _f(self, t: float, y: tuple) -> tuple:
+        self.nfe += 1
+        return self.flow.vector_field(t, y, self.ops, self.hp)
+
+    @torch.no_grad()
+    def _step(self, t: float, h: float) -> None:
+        a, b = self.integ.a, self.integ.b
+        y = self.state
+        ks: list[tuple] = []
+        for i in range(len(b)):
+            if i == 0:
+                yi = y
+            else:
+                yi = tuple(yj.clone() for yj in y)
+                for j, aij in enumerate(a[i - 1]):
+                    if aij:
+                        for part, kpart in zip(yi, ks[j]):
+                            part.add_(kpart, alpha=h * aij)
+            ci = sum(a[i - 1]) if i else 0.0
+            ks.append(self._f(t + ci * h, yi))
+        new = tuple(yj.clone() for yj in y)
+        for bi, k in zip(b, ks):
+            if bi:
+                for part, kpart in zip(new, k):
+                    part.add_(kpart, alpha=h * bi)
+        self.state = new
+        self.steps += 1
+
+    def advance(self, t1: float) -> tuple:
+        t1 = float(t1)
+        if t1 <= self.t:
+            return self.state
+        n = max(1, math.ceil((t1 - self.t) / self.dt - 1e-9))
+        h = (t1 - self.t) / n
+        t0 = self.t
+        for i in range(n):
+            self._step(t0 + i * h, h)
+            every = self.integ.check_every
+            if i == n - 1 or (every and self.steps % every == 0):
+                for part in self.state:
+                    _check_finite(part, t0 + (i + 1) * h, self.integ.name)
+        self.t = t1
+        return self.state
+
+
+for _scheme in TABLEAUX:
+    _cls = type(f"FixedStep_{_scheme}", (FixedStepIntegrator,), {
+        "scheme": _scheme,
+        "__doc__": f"flowlab's fixed-step {_scheme} (dt, default η; no autograd graph kept; exact landing on recording times)",
+    })
+    INTEGRATORS.add(f"flowlab:{_scheme}", _cls)

@@ -1,0 +1,1 @@
+"""Discretisation-error analysis (``flowlab orders``): placeholder, filled in below."""
