@@ -168,7 +168,7 @@ class Problem:
         flat = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.device, dtype)
         self._theta = flat
         self._grad = torch.zeros_like(flat)
-        for p, (name, view) in zip(self._params, self.layout.unflatten(self._theta).items()):
+        for p, (_name, view) in zip(self._params, self.layout.unflatten(self._theta).items()):
             p.data = view
         for p, view in zip(self._params, self.layout.unflatten(self._grad).values()):
             p.grad = view

@@ -112,7 +112,8 @@ class Progress:
         self.enabled, self.total = enabled, total
         self.stride = max(1, total // 200)
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                     TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -159,7 +160,7 @@ class Run:
             "versions": attrs_json(versions()),
             "git_commit": git_commit(),
             "param_layout": self.problem.layout.to_json(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "device": str(self.problem.device),
             "dtype": str(self.problem.dtype).replace("torch.", ""),
             "n_examples": self.problem.n,

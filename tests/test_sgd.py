@@ -1,6 +1,5 @@
 """flowlab's discrete run equals a hand-written torch.optim.SGD loop (float64, to round-off)."""
 
-import numpy as np
 import pytest
 import torch
 from conftest import small_study
@@ -117,7 +116,7 @@ def test_recorder_sees_every_update(tmp_path):
     ds = flowlab.run(flowlab.parse_study(raw), tmp_path / "o", recorders=[spy])
     assert [s for s, *_ in spy.before] == list(range(12))
     beta, wd = 0.9, 0.01
-    for (k, lr, th, g, v), (_, th1, v1) in zip(spy.before, spy.after):
+    for (_k, lr, th, g, v), (_, th1, v1) in zip(spy.before, spy.after):
         d = g + wd * th
         v_expected = d if v is None else beta * v + d
         assert torch.allclose(v1, v_expected, rtol=0, atol=1e-15)

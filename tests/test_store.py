@@ -37,7 +37,7 @@ def test_round_trip_zarr_and_netcdf(tmp_path):
     steps = [s for s, *_ in tape.rows]
     assert ds.step.values.tolist() == steps == list(range(0, 37, 2)) + [37]
     np.testing.assert_array_equal(ds.time.values, [t for _, t, *_ in tape.rows])
-    np.testing.assert_array_equal(ds.loss.sel({"method": "sgd"}).values, [l for *_, l in tape.rows])
+    np.testing.assert_array_equal(ds.loss.sel({"method": "sgd"}).values, [loss for *_, loss in tape.rows])
     # projections: seeded Gaussian matrix applied to the recorded θ
     R = torch.randn(4, len(tape.rows[0][2]), generator=torch.Generator().manual_seed(0 + 7919),
                     dtype=torch.float64) / np.sqrt(len(tape.rows[0][2]))
