@@ -29,17 +29,19 @@ if TYPE_CHECKING:
 class Variable:
     """A variable of the trajectory Dataset.
 
-    ``dims`` are ``("method", GROW, ...)`` for a per-method variable or ``(GROW, ...)`` for one of
-    the discrete run alone (``grad_term``), where GROW is the dim it grows along (``time`` or
-    ``snapshot``); ``("method",)`` alone is a per-method summary.  ``shape`` gives the sizes of the
-    dims after GROW; ``coords`` coordinate values for new dims (``proj``, ``group``...),
-    ``dim_coords`` non-index coordinates on them (name → (dim, values)).
+    ``dims`` name its dimensions in order.  A per-method variable starts with ``method``; a variable
+    of the discrete run alone (``grad_term``, ``theory``) has none.  It grows along ``time`` or
+    ``snapshot`` if one of them is among its dims (anywhere after ``method``: ``("variant", "time",
+    "group")`` is fine); a variable with neither (``("method",)``) is a per-method summary.
+    ``shape`` gives the sizes of the other dims, in order; ``coords`` coordinate values for new dims
+    (``proj``, ``group``...), ``dim_coords`` non-index coordinates on them (name → (dim, values)).
+    Values passed to ``Rows.put`` have ``shape``.
     """
 
     name: str
     dims: tuple[str, ...]
     dtype: Any = np.float64
-    shape: tuple[int, ...] = ()  # sizes of the dims after the growing one
+    shape: tuple[int, ...] = ()  # sizes of the dims other than method and the growing one
     coords: dict[str, np.ndarray] = field(default_factory=dict)
     dim_coords: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
@@ -50,8 +52,28 @@ class Variable:
 
     @property
     def grows_along(self) -> str | None:
-        i = 1 if self.per_method else 0
-        return self.dims[i] if len(self.dims) > i and self.dims[i] in ("time", "snapshot") else None
+        for d in self.dims:
+            if d in ("time", "snapshot"):
+                return d
+        return None
+
+    @property
+    def axis(self) -> int:
+        """Position of the growing dim in ``dims``."""
+        return self.dims.index(self.grows_along)
+
+    def full_shape(self, n_methods: int, length: int) -> tuple[int, ...]:
+        """The array shape for ``length`` entries along the growing dim."""
+        others = iter(self.shape)
+        out = []
+        for d in self.dims:
+            if d == "method":
+                out.append(n_methods)
+            elif d == self.grows_along:
+                out.append(length)
+            else:
+                out.append(next(others))
+        return tuple(out)
 
 
 @dataclass
@@ -152,8 +174,10 @@ class Rows:
         n = self.n
         arrays = {}
         for k, t in self.data.items():
-            part = t[:, :n] if self.variables[k].per_method else t[:n]
-            arrays[k] = part.detach().cpu().numpy().copy()
+            v = self.variables[k]
+            part = t[:, :n] if v.per_method else t[:n]
+            values = part.detach().cpu().numpy()
+            arrays[k] = np.moveaxis(values, 1 if v.per_method else 0, v.axis).copy(order="C")
             part.fill_(math.nan if t.dtype.is_floating_point else 0)
         steps, times = self.steps[:n].copy(), self.times[:n].copy()
         self.n, self.row = 0, -1

@@ -29,13 +29,14 @@ CHUNK_BYTES = 8 << 20
 
 
 def _chunks(var: Variable, n_methods: int, rows: int) -> tuple[int, ...]:
-    per_row = max(1, int(np.prod(var.shape, dtype=np.int64))) * np.dtype(var.dtype).itemsize
-    lead_m = (n_methods,) if var.per_method else ()
-    if var.grows_along == "snapshot":
-        lead_m = (1,) if var.per_method else ()
-        return (*lead_m, 1, *[min(s, max(1, CHUNK_BYTES // np.dtype(var.dtype).itemsize)) for s in var.shape])
-    rows = max(1, min(rows, CHUNK_BYTES // (per_row * len(lead_m or (1,)) * (n_methods if lead_m else 1))))
-    return (*lead_m, rows, *var.shape)
+    itemsize = np.dtype(var.dtype).itemsize
+    if var.grows_along == "snapshot":  # one snapshot of one method per chunk, long dims split
+        cap = max(1, CHUNK_BYTES // itemsize)
+        return tuple(1 if d in ("method", "snapshot") else min(s, cap)
+                     for d, s in zip(var.dims, var.full_shape(n_methods, 1)))
+    per_row = max(1, int(np.prod(var.full_shape(n_methods, 1), dtype=np.int64))) * itemsize
+    rows = max(1, min(rows, CHUNK_BYTES // per_row))
+    return var.full_shape(n_methods, rows)
 
 
 def skeleton(variables: Sequence[Variable], methods: Sequence[str], attrs: dict[str, Any]) -> xr.Dataset:
@@ -58,11 +59,11 @@ def skeleton(variables: Sequence[Variable], methods: Sequence[str], attrs: dict[
             coords[name] = (name, np.asarray(values))
         for name, (dim, values) in v.dim_coords.items():
             coords[name] = (dim, np.asarray(values))
-        lead = (M,) if v.per_method else ()
         if v.grows_along is None:
+            lead = (M,) if v.per_method else ()
             data_vars[v.name] = (v.dims, np.full((*lead, *v.shape), np.nan, dtype=v.dtype), v.attrs)
         else:
-            data_vars[v.name] = (v.dims, np.zeros((*lead, 0, *v.shape), dtype=v.dtype), v.attrs)
+            data_vars[v.name] = (v.dims, np.zeros(v.full_shape(M, 0), dtype=v.dtype), v.attrs)
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
@@ -119,7 +120,7 @@ class TrajectoryWriter:
         self.group[dim].append(times, axis=0)
         self.group[step_name].append(steps, axis=0)
         for name, values in arrays.items():
-            self.group[name].append(values, axis=1 if self.variables[name].per_method else 0)
+            self.group[name].append(values, axis=self.variables[name].axis)
         self.rows_written[dim] += len(times)
 
     def _set(self, arrays: dict[str, np.ndarray]) -> None:

@@ -135,3 +135,29 @@ def test_store_is_readable_while_running(tmp_path):
     finally:
         store.TrajectoryWriter.__init__ = original
     assert seen == [24, 56]  # whole chunks of 8 rows written so far
+
+
+def test_recorder_variables_with_their_own_dims(tmp_path):
+    """Variables without a method dim and with the time dim in the middle round-trip in order."""
+    from flowlab.recording import Variable
+
+    class R(Recorder):
+        def variables(self, ctx):
+            return [Variable("per_run", ("variant", "time", "g"), shape=(2, 3),
+                             coords={"variant": np.array(["a", "b"], dtype=object), "g": np.arange(3)}),
+                    Variable("per_method", ("method", "g", "time"), shape=(3,))]
+
+        def record(self, rows, point):
+            k = float(point.step)
+            rows.put("per_run", None, torch.tensor([[k, 1.0, 2.0], [-k, 3.0, 4.0]], dtype=torch.float64))
+            rows.put("per_method", point.index, torch.tensor([k, k + 1, k + 2], dtype=torch.float64))
+
+    raw = small_study(optimizer={"steps": 11}, record={"chunk": 4})
+    ds = flowlab.run(flowlab.parse_study(raw), tmp_path / "o", recorders=[R()]).load()
+    steps = ds.step.values.astype(float)
+    assert ds.per_run.dims == ("variant", "time", "g") and ds.per_run.shape == (2, 12, 3)
+    np.testing.assert_array_equal(ds.per_run.values[0, :, 0], steps)
+    np.testing.assert_array_equal(ds.per_run.values[1, :, 0], -steps)
+    np.testing.assert_array_equal(ds.per_run.values[1, :, 2], 4.0)
+    assert ds.per_method.dims == ("method", "g", "time")
+    np.testing.assert_array_equal(ds.per_method.values[0, 2], steps + 2)
