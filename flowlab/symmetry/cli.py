@@ -1,0 +1,170 @@
+"""Commands: ``flowlab symmetries STUDY``, ``flowlab check STUDY``, ``flowlab report RESULT``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from flowlab.cli import register_command
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="the study's TOML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a study key, e.g. model.width=0.5")
+
+
+def _build(args: argparse.Namespace):
+    from flowlab.build import build
+    from flowlab.config import load_study
+
+    study = load_study(args.study, args.set or ())
+    return study, build(study)
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2e}"
+
+
+# ------------------------------------------------------------------ symmetries
+def _configure_symmetries(p: argparse.ArgumentParser) -> None:
+    _study_args(p)
+
+
+def _cmd_symmetries(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .build import study_groups
+
+    study, built = _build(args)
+    t0 = time.perf_counter()
+    groups = study_groups(study, built.problem)
+    dt = time.perf_counter() - t0
+    console = Console()
+    table = Table(title=f"{study.name}: {len(groups)} symmetry groups ({built.problem.dim} parameters, found in {dt:.2f} s)")
+    for col in ("kind", "layer", "groups", "size", "members", "origin"):
+        table.add_column(col, justify="right" if col in ("groups", "size") else "left")
+    for r in groups.summary():
+        size = str(r["min_size"]) if r["min_size"] == r["max_size"] else f"{r['min_size']}–{r['max_size']}"
+        note = "; ".join(dict.fromkeys(r["notes"]))
+        if r["eps"] > 0:
+            note += f"  [ε = {r['eps']:g}: approximate]"
+        table.add_row(r["kind"], escape(r["layer"]), str(r["count"]), size, escape(note), r["origin"])
+    console.print(table)
+    if groups.skipped:
+        console.print("[bold]skipped[/bold] (no group, and why):")
+        for s in groups.skipped:
+            console.print(f"  {s}", highlight=False, markup=False)
+    counts = {k: int((groups.kinds == k).sum()) for k in ("translation", "scale", "rescale")}
+    console.print("total: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------- check
+def _configure_check(p: argparse.ArgumentParser) -> None:
+    _study_args(p)
+    p.add_argument("--hessian", type=int, default=8, metavar="N",
+                   help="Hessian identities for N groups per kind and layer (0: every group; default 8)")
+    p.add_argument("--keep-eps", action="store_true",
+                   help="check with the normalisations' own ε (> 0 makes scale groups only approximately invariant)")
+    p.add_argument("--full-batch", action="store_true", help="use the whole dataset instead of the first SGD batch")
+    p.add_argument("--tolerance", type=float, help="flag relative residuals above this (default: [symmetry] tolerance, "
+                                                   "else 1e5 machine epsilons)")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from flowlab.errors import ConfigError
+    from flowlab.sgd import BatchSampler
+
+    from .build import study_groups
+    from .checks import check_constraints
+
+    study, built = _build(args)
+    problem = built.problem
+    groups = study_groups(study, problem)
+    if len(groups) == 0:
+        print("no symmetry groups: nothing to check (see flowlab symmetries)")
+        return 0
+    if args.hessian < 0:
+        raise ConfigError("--hessian", args.hessian, "expected 0 (all groups) or a positive number per layer")
+    tol = args.tolerance
+    if tol is None:
+        st = study.section("symmetry").tolerance
+        tol = None if st == "auto" else float(st)
+    if tol is not None and not tol > 0:
+        raise ConfigError("--tolerance", tol, "expected a positive number")
+    if args.full_batch:
+        batch, where = problem.batch(), f"the full dataset ({problem.n} examples)"
+    else:
+        opt = study.optimizer
+        idx = BatchSampler(problem.n, opt.batch_size, study.study.seed, opt.drop_last, problem.device).next()
+        batch = problem.batch(idx)
+        where = f"the first SGD batch ({problem.n if idx is None else len(idx)} examples)"
+    t0 = time.perf_counter()
+    res = check_constraints(problem, groups, problem.theta0, batch, hessian_per_layer=args.hessian, tolerance=tol,
+                            exact=not args.keep_eps, seed=study.study.seed)
+    console = Console()
+    table = Table(title=f"{study.name}: constraint residuals at θ0 on {where} (relative; flag > {res.tolerance:.1e})")
+    for col in ("kind", "layer", "groups", "max |⟨g,s_A⟩|", "max |H s_A + r_A|", "hessian checked", "status"):
+        table.add_column(col, justify="left" if col in ("kind", "layer", "status") else "right")
+    for r in res.by_layer():
+        status = "ok" if not r["flagged"] else f"FLAGGED units {r['flagged'][:8]}" + ("…" if len(r["flagged"]) > 8 else "")
+        table.add_row(r["kind"], escape(r["layer"]), str(r["groups"]), _fmt(r["grad_max"]), _fmt(r["hess_max"]),
+                      f"{r['hess_checked']}/{r['groups']}", escape(status))
+    console.print(table)
+    console.print("s_A = 1_A (translation), θ_A (scale), θ_A1 − θ_A2 (rescale); r_A = 0 or g_A1 − g_A2; "
+                  f"h = |Hξ|/|ξ| = {res.h:.3g}; {time.perf_counter() - t0:.1f} s", highlight=False)
+    for note in res.notes:
+        console.print(f"note: {note}", highlight=False)
+    n_flag = int(res.flagged.sum())
+    if n_flag:
+        console.print(f"[bold red]{n_flag} group(s) FLAGGED[/bold red]: residual above round-off — not a symmetry of "
+                      "this model/loss (wrong group?)")
+        return 1
+    console.print("all groups at round-off")
+    return 0
+
+
+# ---------------------------------------------------------------------- report
+def _configure_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("result", help="a run's output folder (or its .zarr / netCDF file)")
+    p.add_argument("--by-layer", action="store_true", help="one row per layer")
+    p.add_argument("--no-figures", action="store_true", help="only the table")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .report import report
+
+    rows, paths = report(args.result, by_layer=args.by_layer, figures=not args.no_figures)
+    table = Table(title=f"{Path(args.result).name}: max |Q(t) − Q(0)| / scale")
+    cols = ["method", "kind"] + (["layer"] if args.by_layer else []) + ["groups", "max rel. drift", "at t"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("method", "kind", "layer") else "right")
+    for r in rows:
+        vals = [escape(r["method"]), r["kind"]] + ([escape(r["layer"])] if args.by_layer else []) + [
+            str(r["groups"]), _fmt(r["max_rel_drift"]), "–" if math.isnan(r["at_time"]) else f"{r['at_time']:.4g}"]
+        table.add_row(*vals)
+    console = Console()
+    console.print(table)
+    for p in paths:
+        console.print(f"wrote {p}", highlight=False)
+    return 0
+
+
+register_command("symmetries", "list the symmetry groups found in a study's model (and what was skipped, why)",
+                 _configure_symmetries, _cmd_symmetries)
+register_command("check", "check the gradient and Hessian constraints of every symmetry group at θ0",
+                 _configure_check, _cmd_check)
+register_command("report", "drift of the conserved quantities per method × symmetry kind (× layer), with figures",
+                 _configure_report, _cmd_report)
