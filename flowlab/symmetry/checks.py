@@ -57,10 +57,11 @@ def exact_norms(module: nn.Module) -> Iterator[int]:
 
 
 def auto_tolerance(dtype: torch.dtype) -> float:
-    """The flagging threshold for relative residuals: 10⁵ machine epsilons (float64: 2.2e-11,
-    float32: 1.2e-2).  Round-off in a backward pass through a deep net with normalisations
-    gives relative residuals of 10–10³ ε; a wrong group gives O(1)."""
-    return 1e5 * float(torch.finfo(dtype).eps)
+    """The flagging threshold for relative residuals: √ε of the dtype (float64: 1.5e-8, float32:
+    3.5e-4) — half the digits.  A right group's residual is round-off amplified by cancellation,
+    ε·κ (e.g. ε / |p − y| for a translation column whose examples are confidently classified;
+    measured up to ~10⁴ ε on small nets at random θ); a wrong group's is O(10⁻³…1)."""
+    return math.sqrt(float(torch.finfo(dtype).eps))
 
 
 def gradient_residuals(proj: SymmetryProjector, theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -170,18 +171,24 @@ def check_constraints(problem: Problem, groups: Groups, theta: torch.Tensor | No
     proj = SymmetryProjector(groups, problem.device)
     notes = []
     ctx = exact_norms(problem.module) if exact else _nullcontext()
-    with ctx as n_changed:
+    devices = [problem.device] if problem.device.type == "cuda" else []
+    with ctx as n_changed, torch.random.fork_rng(devices=devices):
         if exact and n_changed:
             notes.append(f"normalisation ε set to ~0 (1e-308) in {n_changed} module(s) for the check "
                          "(ε > 0 makes scale invariance approximate; --keep-eps to check as is)")
+        # every evaluation starts from the same random state: a model with dropout sees the same
+        # masks in g and in each Hessian-vector product
+        torch.manual_seed(seed)
         g = problem.grad(theta, batch)
         grad_res = gradient_residuals(proj, theta, g).cpu().numpy()
         hess = np.full(len(groups), np.nan)
         h = math.nan
         chosen = sample_groups(groups, hessian_per_layer, seed)
         if len(chosen):
+            torch.manual_seed(seed)
             h = hessian_scale(problem, theta, batch, seed)
             for gi in chosen:
+                torch.manual_seed(seed)
                 hess[gi] = hessian_residual(problem, groups, int(gi), theta, g, batch, h)
     if not exact:
         eps = groups.eps

@@ -105,7 +105,7 @@ class GroupBlock:
 
 @dataclass
 class CSR:
-    """A (groups × m) sparse matrix as CSR arrays (CPU, int64 indices, float64 values)."""
+    """A (groups × m) sparse matrix as CSR arrays (CPU; int32 indices when they fit, float64 values)."""
 
     crow: torch.Tensor
     col: torch.Tensor
@@ -201,9 +201,11 @@ class Groups:
             vals.append(sign.abs() if part == "abs" else sign)
             sizes.append(b.sizes)
         sz = torch.as_tensor(np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64))
-        crow = torch.zeros(len(sz) + 1, dtype=torch.long)
+        nnz = int(sz.sum())
+        idx = torch.int32 if max(nnz, self.layout.size) < 2**31 - 1 else torch.int64
+        crow = torch.zeros(len(sz) + 1, dtype=idx)
         crow[1:] = torch.cumsum(sz, 0)
-        col = torch.cat(cols).long() if cols else torch.zeros(0, dtype=torch.long)
+        col = torch.cat([c.to(idx) for c in cols]) if cols else torch.zeros(0, dtype=idx)
         val = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
         return CSR(crow, col, val, (len(self), self.layout.size))
 
@@ -262,7 +264,7 @@ class Groups:
 
 # ------------------------------------------------------------------ user groups
 
-_SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:\[(.*)\])?\s*$")
+_SPEC = re.compile(r"^\s*([\w.]+)\s*(?:\[(.*)\])?\s*$")
 
 
 def _parse_item(text: str, field_name: str, spec: str) -> slice | int | str | type(Ellipsis):

@@ -42,17 +42,25 @@ class SymmetryProjector:
         self._scratch: dict[str, torch.Tensor] = {}
 
     def _matrix(self, part: str) -> torch.Tensor | None:
+        if part == "quad_abs":  # |signs| of quad: the same index arrays, values 1
+            q = self.matrix("quad")
+            if q is None:
+                return None
+            return self._csr(q.crow_indices(), q.col_indices(), torch.ones_like(q.values()), q.shape)
         c = self.groups.csr(part)
         if c.nnz == 0:
             return None
-        idx = torch.int32 if max(c.nnz, self.m) < 2**31 - 1 else torch.int64
+        return self._csr(c.crow.to(self.device), c.col.to(self.device), c.val.to(self.device, torch.float64), c.shape)
+
+    @staticmethod
+    def _csr(crow, col, val, shape) -> torch.Tensor:
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(c.crow.to(self.device, idx), c.col.to(self.device, idx),
-                                           c.val.to(self.device, torch.float64), c.shape, check_invariants=False)
+            return torch.sparse_csr_tensor(crow, col, val, tuple(shape), check_invariants=False)
 
     def matrix(self, part: str) -> torch.Tensor | None:
-        """The CSR matrix ``lin``, ``quad`` or ``abs`` (see :meth:`Groups.csr`) on the device."""
+        """The CSR matrix ``lin``, ``quad`` (see :meth:`Groups.csr`) or ``quad_abs`` (quad's members,
+        all +1) on the device."""
         if part not in self._mats:
             self._mats[part] = self._matrix(part)
         return self._mats[part]
@@ -112,6 +120,7 @@ class SymmetryProjector:
 
     def quantities(self, theta: torch.Tensor) -> torch.Tensor:
         """The conserved quantity per group: ⟨θ_A,1⟩ | |θ_A|² | |θ_A1|² − |θ_A2|²."""
+        theta = self._f64(theta, "theta")
         return self.lin(theta) + self.quad(theta)
 
     def grad_terms(self, g: torch.Tensor) -> torch.Tensor:
@@ -125,7 +134,8 @@ class SymmetryProjector:
 
     def norms_sq(self, x: torch.Tensor) -> torch.Tensor:
         """|x_A|² over all members (A, or A1 ∪ A2), every kind."""
-        return self.apply("abs", self._product(x, None, "abs"))
+        sq = self._product(x, None, "abs")
+        return torch.where(self.is_translation, self.apply("lin", sq), self.apply("quad_abs", sq))
 
     def dots(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """⟨x_A, y_A⟩ with the group signs (rescale: A1 part − A2 part), every kind (translation: +)."""
@@ -135,5 +145,5 @@ class SymmetryProjector:
     def scales(self, theta: torch.Tensor) -> torch.Tensor:
         """The natural size of each quantity: Σ_A |θ_i| for translation (bounds |⟨θ_A,1⟩|),
         |θ_A|² (scale) and |θ_A1|² + |θ_A2|² (rescale)."""
-        abs_t = self.apply("abs", torch.abs(self._f64(theta, "scales")))
-        return torch.where(self.is_translation, abs_t, self.norms_sq(theta))
+        abs_t = self.apply("lin", torch.abs(self._f64(theta, "scales")))
+        return torch.where(self.is_translation, abs_t, self.apply("quad_abs", self._product(theta, None, "abs")))
