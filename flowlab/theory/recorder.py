@@ -1,0 +1,88 @@
+"""Recording the theory's predictions for the discrete run beside its measured quantities.
+
+``theory`` (variant, time, group): the predicted quantity Q_pred(t_k) of every symmetry group under
+each variant of :mod:`flowlab.theory.predict` (coordinate ``variant``), at the same rows as
+``quantity``.  The predictions are driven by the gradient terms of EVERY update (taken from the
+symmetry recorder, ``ctx.extras["symmetry"]``, so nothing is computed twice) and, with momentum, by
+the buffer's V_{k+1} = |v_{A,k+1}|² (rescale: A1 − A2).  Updates between two rows are buffered on the
+device and applied in one go (runs of equal η by matrix powers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowlab.recording import Point, Recorder, Rows, RunContext, StepInfo, Variable, register_recorders
+
+from .predict import Predictor, variants_for
+
+
+class TheoryRecorder(Recorder):
+    def __init__(self, symmetry, variants: tuple[str, ...] = (), capacity: int = 1024):
+        self.sym = symmetry
+        self.requested = variants
+        self.capacity = capacity
+
+    def variables(self, ctx: RunContext) -> list[Variable]:
+        opt = ctx.study.optimizer
+        self.variants = self.requested or variants_for(opt.momentum)
+        self.momentum = opt.momentum > 0
+        G = len(self.sym.groups)
+        notes = {
+            "long_name": "predicted quantity per symmetry group (Kunin et al. 2021)",
+            "variants": "see flowlab.theory.predict",
+        }
+        if opt.nesterov:
+            notes["exact_discrete"] = "NaN: Nesterov momentum has no closed two-scalar recursion"
+        if opt.momentum > 0 and opt.dampening > 0:
+            notes["oscillator"] = "assumes dampening 0 (the official code's model)"
+        return [Variable("theory", ("variant", "time", "group"), shape=(len(self.variants), G),
+                         coords={"variant": np.array(self.variants, dtype=object)}, attrs=notes)]
+
+    def start(self, ctx: RunContext) -> None:
+        opt = ctx.study.optimizer
+        proj = self.sym.projector
+        q0 = proj.quantities(ctx.problem.theta0)
+        kinds = proj.is_translation.logical_not().to(torch.int64)  # 0 translation, 1 otherwise
+        self.predictor = Predictor(kinds, q0, opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov,
+                                   self.variants)
+        n = len(self.sym.groups)
+        self.G = torch.zeros(self.capacity, n, dtype=torch.float64, device=proj.device)
+        self.W = torch.zeros_like(self.G) if self.momentum else None
+        self.etas: list[float] = []
+
+    def before_update(self, info: StepInfo) -> None:
+        if len(self.etas) == self.capacity:
+            self._drain()
+        self.G[len(self.etas)].copy_(self.sym.G)
+
+    def after_update(self, info: StepInfo) -> None:
+        if self.W is not None:
+            self.W[len(self.etas)].copy_(self.sym.projector.quad(info.buf))
+        self.etas.append(info.lr)
+
+    def _drain(self) -> None:
+        n = len(self.etas)
+        if n:
+            self.predictor.advance(self.etas, self.G[:n], None if self.W is None else self.W[:n])
+            self.etas.clear()
+
+    def record(self, rows: Rows, point: Point) -> None:
+        if point.index != 0:
+            return
+        self._drain()
+        rows.put("theory", None, self.predictor.predict())
+
+
+def theory_recorders(ctx: RunContext) -> list[Recorder]:
+    section = ctx.study.section("theory")
+    symmetry = ctx.extras.get("symmetry")
+    if not section.enabled or symmetry is None:
+        return []
+    rec = TheoryRecorder(symmetry, section.variants)
+    ctx.extras["theory"] = rec
+    return [rec]
+
+
+register_recorders(theory_recorders)
