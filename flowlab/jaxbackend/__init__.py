@@ -43,3 +43,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
+
+
+def _register() -> None:
+    """Register the diffrax integrators and the integrator-statistics recorder (no JAX import)."""
+    try:
+        from . import integrators  # noqa: F401  (registers diffrax:* in flowlab.flows.INTEGRATORS)
+    except ModuleNotFoundError as exc:  # flowlab.flows not there: nothing to register into
+        if exc.name is None or not exc.name.startswith("flowlab.flows"):
+            raise
+        return
+    from ..recording import register_recorders
+    from .recording import integrator_recorders
+
+    register_recorders(integrator_recorders)
+
+
+_register()

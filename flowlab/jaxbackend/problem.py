@@ -34,26 +34,52 @@ def _batch_loss(apply, loss) -> Callable[[jax.Array, Batch], jax.Array]:
 
 class JaxOps:
     """The full-batch derivatives a flow's vector field needs, of the UNREGULARISED loss L(θ)
-    (flows add weight decay themselves).  Every method is a jit-compiled pure JAX function, so it
-    can be called directly on arrays or traced inside a larger jitted function (an integrator).
+    (flows add weight decay themselves) — :class:`flowlab.flows.base.Ops` on JAX arrays.
 
     - ``loss(theta)`` → L
     - ``grad(theta)`` → ∇L
     - ``loss_and_grad(theta)`` → (L, ∇L)
     - ``hvp(theta, v)`` → H(θ)v (forward-over-reverse: ``jax.jvp`` of ``jax.grad``)
     - ``d3(theta, v)`` → ∇_θ(vᵀH(θ)v) = ∇³L[v, v] (the directional derivative of H(θ)v along v)
+
+    Each is a jit-compiled pure JAX function: call it on arrays, or trace it inside a larger jitted
+    function (an integrator's step).  Given torch tensors instead (a flow's ``initial_state`` on the
+    torch Problem's θ0), a method converts them, evaluates in JAX and returns torch tensors on the
+    same device, so backend-agnostic flow code works on either kind of input.
     """
 
     backend = "jax"
 
     def __init__(self, loss: Callable, loss_and_grad: Callable, hvp: Callable, d3: Callable, dim: int, dtype: Any,
                  device: Any):
-        self.loss = jax.jit(loss)
-        self.loss_and_grad = jax.jit(loss_and_grad)
-        self.grad = jax.jit(lambda theta: loss_and_grad(theta)[1])
-        self.hvp = jax.jit(hvp)
-        self.d3 = jax.jit(d3)
+        self._loss = jax.jit(loss)
+        self._loss_and_grad = jax.jit(loss_and_grad)
+        self._grad = jax.jit(lambda theta: loss_and_grad(theta)[1])
+        self._hvp = jax.jit(hvp)
+        self._d3 = jax.jit(d3)
         self.dim, self.dtype, self.device = dim, dtype, device
+
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        if not isinstance(args[0], torch.Tensor):
+            return fn(*args)
+        like = args[0]
+        out = fn(*(to_jax(a, self.device, self.dtype) for a in args))
+        return jax.tree_util.tree_map(lambda a: to_torch(a, like.device, like.dtype), out)
+
+    def loss(self, theta: Any) -> Any:
+        return self._call(self._loss, theta)
+
+    def grad(self, theta: Any) -> Any:
+        return self._call(self._grad, theta)
+
+    def loss_and_grad(self, theta: Any) -> tuple[Any, Any]:
+        return self._call(self._loss_and_grad, theta)
+
+    def hvp(self, theta: Any, v: Any) -> Any:
+        return self._call(self._hvp, theta, v)
+
+    def d3(self, theta: Any, v: Any) -> Any:
+        return self._call(self._d3, theta, v)
 
     def __repr__(self) -> str:
         return f"JaxOps({self.dim} parameters, {jnp.dtype(self.dtype).name}, {self.device})"

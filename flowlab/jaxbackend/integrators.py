@@ -1,0 +1,176 @@
+"""diffrax integrators in flowlab's ``INTEGRATORS`` registry (``diffrax:Tsit5``, ``diffrax:Dopri5``, ...).
+
+This module does NOT import JAX: the integrator objects only hold and validate their options; the
+first :meth:`DiffraxIntegrator.start` (or :meth:`make_ops`) imports JAX, diffrax and
+:mod:`flowlab.jaxbackend._diffrax`, which builds and compiles the stepping kernel.
+
+Semantics (the same as the torch integrators of :mod:`flowlab.flows.integrators`):
+
+- adaptive (``rtol``/``atol``, PID controller; the default when no ``dt`` is given): the step size
+  is kept across recording intervals; the state at a recording time comes from the solver's dense
+  output (``land = "interpolate"``, like torchdiffeq) or steps are cut to land on it
+  (``land = "exact"``, the default for solvers whose dense output is of lower order than the
+  method: Kvaerno5);
+- fixed step (``dt`` alone, or ``diffrax:Euler``): each recording interval is cut into ⌈Δt/dt⌉
+  equal steps, landing exactly on every recording time (``dt`` defaults to the learning rate η).
+
+Solvers: ``Tsit5``, ``Dopri5``, ``Dopri8``, ``Heun``, ``Euler``, ``Kvaerno5`` (implicit: for the stiff
+second-order forms; its Newton solves form the Jacobian of the field, m×m, so keep it to small
+models or pass ``linear_solver = "gmres"``), ``RK4_38`` (torchdiffeq's ``rk4``, the 3/8 rule) and
+``RK4`` (classic, flowlab's ``flowlab:rk4``), ``Bosh3``, ``Ralston``, ``Midpoint``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..flows.base import Integrator
+from ..flows.integrators import DEFAULT_MAX_STEPS, DEFAULT_RTOL
+from ..flows.registry import INTEGRATORS
+
+#: name → (adaptive capable, implicit, default landing, description)
+SOLVERS: dict[str, tuple[bool, bool, str, str]] = {
+    "Tsit5": (True, False, "interpolate", "Tsitouras 5(4), FSAL, 4th-order dense output"),
+    "Dopri5": (True, False, "interpolate", "Dormand–Prince 5(4), FSAL, 4th-order dense output"),
+    "Dopri8": (True, False, "interpolate", "Dormand–Prince 8(5,3), FSAL, 7th-order dense output"),
+    "Heun": (True, False, "interpolate", "Heun 2(1), cubic Hermite dense output"),
+    "Bosh3": (True, False, "interpolate", "Bogacki–Shampine 3(2), FSAL"),
+    "Ralston": (True, False, "interpolate", "Ralston 2(1)"),
+    "Midpoint": (True, False, "interpolate", "explicit midpoint 2(1)"),
+    "Euler": (False, False, "exact", "explicit Euler (fixed step only)"),
+    "Kvaerno5": (True, True, "exact", "Kværnø 5(4) ESDIRK, implicit (stiff second-order forms)"),
+    "RK4_38": (False, False, "exact", "Kutta's 3/8-rule RK4 = torchdiffeq's rk4 (fixed step)"),
+    "RK4": (False, False, "exact", "classic RK4 = flowlab:rk4 (fixed step)"),
+}
+LANDINGS = ("auto", "interpolate", "exact")
+LINEAR_SOLVERS = ("lu", "gmres")
+
+
+def _positive(field: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(field, value, "expected a number > 0")
+
+
+class DiffraxIntegrator(Integrator):
+    """A diffrax solver driven interval by interval (see the module docstring).
+
+    Options (``[[flows]]`` ``integrator_options``): ``max_steps`` per recording interval (100 000);
+    ``land`` (auto | interpolate | exact); PID controller ``pcoeff``, ``icoeff``, ``dcoeff``,
+    ``safety``, ``factormin``, ``factormax``, ``dtmin``, ``dtmax``; ``first_step`` (initial step; by
+    default diffrax's heuristic); JAX ``device`` (auto | cpu | gpu), ``chunk_size``, ``precision``
+    (highest | high | default); for implicit solvers ``linear_solver`` (lu | gmres) and
+    ``root_find_max_steps``.
+    """
+
+    backend: ClassVar[str] = "jax"
+    solver: ClassVar[str] = "Dopri5"
+
+    def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
+                 max_steps: int = DEFAULT_MAX_STEPS, land: str = "auto", first_step: float | None = None,
+                 pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, safety: float = 0.9,
+                 factormin: float = 0.2, factormax: float = 10.0, dtmin: float | None = None,
+                 dtmax: float | None = None, device: str = "auto", chunk_size: int | None = None,
+                 precision: str = "highest", linear_solver: str = "lu", root_find_max_steps: int = 10):
+        adaptive_capable, implicit, default_land, _ = SOLVERS[self.solver]
+        for field, value in (("flows.rtol", rtol), ("flows.atol", atol), ("flows.dt", dt),
+                             ("flows.integrator_options.first_step", first_step),
+                             ("flows.integrator_options.dtmin", dtmin), ("flows.integrator_options.dtmax", dtmax)):
+            _positive(field, value)
+        if not adaptive_capable and (rtol is not None or atol is not None):
+            raise ConfigError("flows.rtol", rtol if rtol is not None else atol,
+                              f"{self.name} is a fixed-step method: give dt (default: the learning rate η), not rtol/atol")
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
+            raise ConfigError("flows.integrator_options.max_steps", max_steps, "expected a positive integer")
+        if land not in LANDINGS:
+            raise ConfigError("flows.integrator_options.land", land, f"allowed: {', '.join(LANDINGS)}")
+        if linear_solver not in LINEAR_SOLVERS:
+            raise ConfigError("flows.integrator_options.linear_solver", linear_solver,
+                              f"allowed: {', '.join(LINEAR_SOLVERS)}")
+        self.rtol, self.atol, self.dt = rtol, atol, dt
+        self.kind = "adaptive" if adaptive_capable and (dt is None or rtol is not None or atol is not None) else "fixed"
+        self.implicit = implicit
+        self.max_steps = max_steps
+        self.land = default_land if land == "auto" else land
+        self.first_step = first_step if first_step is not None else (dt if self.kind == "adaptive" else None)
+        self.controller_options = {"pcoeff": pcoeff, "icoeff": icoeff, "dcoeff": dcoeff, "safety": safety,
+                                   "factormin": factormin, "factormax": factormax, "dtmin": dtmin, "dtmax": dtmax}
+        self.jax_options = {"device": device, "chunk_size": chunk_size, "precision": precision}
+        self.linear_solver = linear_solver
+        self.root_find_max_steps = int(root_find_max_steps)
+        self._dt_factor = 1.0
+        # cumulative over this integrator's sessions (a follower restarts sessions when η changes)
+        self.stats = {"nfe": 0, "accepted": 0, "rejected": 0, "compile_seconds": 0.0, "traces": 0}
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"diffrax:{self.solver}"
+
+    # --------------------------------------------------------------- contract
+    def tols(self, dtype_name: str) -> tuple[float, float]:
+        """(rtol, atol) for a state of this dtype (torchdiffeq integrators' defaults)."""
+        import torch
+
+        rtol = self.rtol if self.rtol is not None else DEFAULT_RTOL.get(getattr(torch, dtype_name), 1e-7)
+        atol = self.atol if self.atol is not None else rtol * 1e-2
+        return rtol, atol
+
+    def make_ops(self, problem: Any) -> Any:
+        from .problem import jax_problem
+        from .twin import NoTwinError
+
+        try:
+            jp = jax_problem(problem, **self.jax_options)
+        except NoTwinError as exc:
+            raise ConfigError("flows.integrator", self.name, str(exc)) from None
+        return jp.ops
+
+    def to_torch(self, theta: Any, like: Any) -> Any:
+        import torch
+
+        if isinstance(theta, torch.Tensor):
+            return theta
+        from ._runtime import to_torch
+
+        return to_torch(theta, like.device, like.dtype)
+
+    def start(self, flow: Any, ops: Any, hp: Any, t0: float, state: tuple) -> Any:
+        from ._diffrax import DiffraxSession
+
+        return DiffraxSession(self, flow, ops, hp, float(t0), state)
+
+    def tightened(self, factor: float = 10.0) -> DiffraxIntegrator:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.stats = {k: type(v)(0) for k, v in self.stats.items()}
+        if self.kind == "fixed":
+            new.dt = None if self.dt is None else self.dt / factor
+            new._dt_factor = self._dt_factor * factor
+        else:
+            rtol, atol = self.tols("float64")
+            new.rtol, new.atol = rtol / factor, atol / factor
+        return new
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "rtol": self.rtol, "atol": self.atol, "dt": self.dt,
+                "land": self.land, "max_steps": self.max_steps, "first_step": self.first_step,
+                **{k: v for k, v in self.controller_options.items() if v is not None},
+                **{k: v for k, v in self.jax_options.items() if v is not None},
+                **({"linear_solver": self.linear_solver, "root_find_max_steps": self.root_find_max_steps}
+                   if self.implicit else {})}
+
+
+def register() -> None:
+    for solver, (adaptive, _implicit, _land, text) in SOLVERS.items():
+        name = f"diffrax:{solver}"
+        if name in INTEGRATORS:
+            continue
+        how = "rtol/atol (PID) or fixed dt" if adaptive else "fixed step: dt (default η)"
+        doc = f"diffrax {solver}: {text}; {how}"
+        cls = type(f"Diffrax_{solver}", (DiffraxIntegrator,), {"solver": solver, "__doc__": doc})
+        INTEGRATORS.add(name, cls, doc)
+
+
+register()
