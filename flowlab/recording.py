@@ -317,12 +317,17 @@ class SnapshotRecorder(Recorder):
         rows.put("theta", point.index, point.theta)
 
 
-# Plugins add recorders to every run: factory(ctx) -> list[Recorder] (may be empty).
+# Plugins add recorders to every run: factory(ctx) -> list[Recorder] (may be empty), called in
+# ascending ``order`` (a recorder that reuses another's results, like the theory, goes later).
 RECORDER_FACTORIES: list = []
+_ORDER: dict = {}
 
 
-def register_recorders(factory) -> None:
-    RECORDER_FACTORIES.append(factory)
+def register_recorders(factory, order: int = 100) -> None:
+    if factory not in RECORDER_FACTORIES:
+        RECORDER_FACTORIES.append(factory)
+    _ORDER[factory] = order
+    RECORDER_FACTORIES.sort(key=lambda f: _ORDER[f])
 
 
 def core_recorders(study: Study) -> list[Recorder]:

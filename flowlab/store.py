@@ -39,26 +39,38 @@ def _chunks(var: Variable, n_methods: int, rows: int) -> tuple[int, ...]:
     return var.full_shape(n_methods, rows)
 
 
+STATUS_WIDTH = 256
+
+
+def _fixed_strings(values: Any) -> np.ndarray:
+    """Strings as fixed-width unicode (zarr v2 and netCDF read them back as plain ``<U`` arrays,
+    which every numpy/xarray operation handles; variable-length strings come back as StringDType)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in ("O", "T", "U") and (arr.size == 0 or all(isinstance(v, str) for v in arr.ravel().tolist())):
+        return np.array(arr.tolist(), dtype=str)
+    return arr
+
+
 def skeleton(variables: Sequence[Variable], methods: Sequence[str], attrs: dict[str, Any]) -> xr.Dataset:
     """An empty Dataset (zero-length ``time`` and ``snapshot``) with every variable declared."""
     M = len(methods)
     coords: dict[str, Any] = {
-        "method": ("method", np.array(methods, dtype=object)),
+        "method": ("method", np.array(methods, dtype=str)),
         "time": ("time", np.zeros(0, dtype=np.float64), {"long_name": "t = Σ η_k"}),
         "step": ("time", np.zeros(0, dtype=np.int64), {"long_name": "updates completed"}),
         "snapshot": ("snapshot", np.zeros(0, dtype=np.float64), {"long_name": "time of the θ snapshot"}),
         "snapshot_step": ("snapshot", np.zeros(0, dtype=np.int64)),
     }
     data_vars: dict[str, Any] = {
-        "status": ("method", np.array(["running"] * M, dtype=object)),
+        "status": ("method", np.array(["running"] * M, dtype=f"<U{STATUS_WIDTH}")),
         "wall_seconds": ("method", np.zeros(M)),
         "n_grad_evals": ("method", np.zeros(M, dtype=np.int64)),
     }
     for v in variables:
         for name, values in v.coords.items():
-            coords[name] = (name, np.asarray(values))
+            coords[name] = (name, _fixed_strings(values))
         for name, (dim, values) in v.dim_coords.items():
-            coords[name] = (dim, np.asarray(values))
+            coords[name] = (dim, _fixed_strings(values))
         if v.grows_along is None:
             lead = (M,) if v.per_method else ()
             data_vars[v.name] = (v.dims, np.full((*lead, *v.shape), np.nan, dtype=v.dtype), v.attrs)
@@ -125,6 +137,8 @@ class TrajectoryWriter:
 
     def _set(self, arrays: dict[str, np.ndarray]) -> None:
         for name, values in arrays.items():
+            if name == "status":
+                values = np.array([str(v)[:STATUS_WIDTH] for v in values], dtype=f"<U{STATUS_WIDTH}")
             self.group[name][...] = values
 
     # ------------------------------------------------------------------ API

@@ -143,9 +143,9 @@ def test_recorder_variables_with_their_own_dims(tmp_path):
 
     class R(Recorder):
         def variables(self, ctx):
-            return [Variable("per_run", ("variant", "time", "g"), shape=(2, 3),
-                             coords={"variant": np.array(["a", "b"], dtype=object), "g": np.arange(3)}),
-                    Variable("per_method", ("method", "g", "time"), shape=(3,))]
+            return [Variable("per_run", ("kind_", "time", "slot"), shape=(2, 3),
+                             coords={"kind_": np.array(["a", "b"], dtype=object), "slot": np.arange(3)}),
+                    Variable("per_method", ("method", "slot", "time"), shape=(3,))]
 
         def record(self, rows, point):
             k = float(point.step)
@@ -155,9 +155,9 @@ def test_recorder_variables_with_their_own_dims(tmp_path):
     raw = small_study(optimizer={"steps": 11}, record={"chunk": 4})
     ds = flowlab.run(flowlab.parse_study(raw), tmp_path / "o", recorders=[R()]).load()
     steps = ds.step.values.astype(float)
-    assert ds.per_run.dims == ("variant", "time", "g") and ds.per_run.shape == (2, 12, 3)
+    assert ds.per_run.dims == ("kind_", "time", "slot") and ds.per_run.shape == (2, 12, 3)
     np.testing.assert_array_equal(ds.per_run.values[0, :, 0], steps)
     np.testing.assert_array_equal(ds.per_run.values[1, :, 0], -steps)
     np.testing.assert_array_equal(ds.per_run.values[1, :, 2], 4.0)
-    assert ds.per_method.dims == ("method", "g", "time")
+    assert ds.per_method.dims == ("method", "slot", "time")
     np.testing.assert_array_equal(ds.per_method.values[0, 2], steps + 2)

@@ -85,4 +85,4 @@ def theory_recorders(ctx: RunContext) -> list[Recorder]:
     return [rec]
 
 
-register_recorders(theory_recorders)
+register_recorders(theory_recorders, order=200)  # after the symmetry recorder (order 100)
