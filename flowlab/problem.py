@@ -129,6 +129,51 @@ def _pure_batchnorm(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+class GradGraph:
+    """A gradient at θ with its autograd graph kept (see :meth:`Problem.grad_graph`)."""
+
+    def __init__(self, problem: Problem, grads: tuple[torch.Tensor, ...]):
+        self.problem, self.grads = problem, grads
+
+    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.problem.layout.unflatten(v.detach()).values())
+
+    def _flat(self, parts, like: torch.Tensor) -> torch.Tensor:
+        out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(self.problem._params, parts)]
+        return torch.cat([o.reshape(-1) for o in out]).to(like.dtype)
+
+    def _live(self) -> list[int]:
+        return [i for i, g in enumerate(self.grads) if g.requires_grad]
+
+    def hvp(self, v: torch.Tensor, retain: bool = True) -> torch.Tensor:
+        """H(θ) v."""
+        live = self._live()
+        if not live:  # the gradient does not depend on θ
+            return torch.zeros_like(v)
+        vs = self._split(v)
+        with torch.enable_grad():
+            parts = torch.autograd.grad([self.grads[i] for i in live], self.problem._params,
+                                        grad_outputs=[vs[i] for i in live], retain_graph=retain, allow_unused=True)
+        return self._flat(parts, v)
+
+    def d3(self, v: torch.Tensor, retain: bool = True) -> torch.Tensor:
+        """∇_θ (vᵀ H(θ) v), v fixed."""
+        live = self._live()
+        if not live:
+            return torch.zeros_like(v)
+        vs = self._split(v)
+        params = self.problem._params
+        with torch.enable_grad():
+            hv = torch.autograd.grad([self.grads[i] for i in live], params, grad_outputs=[vs[i] for i in live],
+                                     create_graph=True, retain_graph=True, allow_unused=True)
+            live2 = [i for i, h in enumerate(hv) if h is not None and h.requires_grad]
+            if not live2:  # H does not depend on θ (a quadratic): ∇³L = 0
+                return torch.zeros_like(v)
+            parts = torch.autograd.grad([hv[i] for i in live2], params, grad_outputs=[vs[i] for i in live2],
+                                        retain_graph=retain, allow_unused=True)
+        return self._flat(parts, v)
+
+
 class Problem:
     """loss / grad / hvp of a model on data, as functions of one flat θ.
 
@@ -248,24 +293,34 @@ class Problem:
             return torch.func.jvp(grad_fn, (theta.detach(),), (v.detach(),))[1].detach()
 
     def _hvp_double(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
-        with torch.enable_grad():
-            th = theta.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.functional_loss(th, batch), th, create_graph=True)
-            (hv,) = torch.autograd.grad(g, th, grad_outputs=v.detach())
-        return hv.detach()
+        """Double backward on the module's own parameters (no functional_call: less overhead)."""
+        return self.grad_graph(theta, batch)[2].hvp(v, retain=False)
 
     def d3(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         """∇_θ (vᵀ H(θ; batch) v) with v held fixed: the third-derivative contraction ∇³L[v, v]
-        (reverse over forward over forward: vᵀHv = d²/ds² L(θ + sv) at s = 0)."""
+        (three reverse passes: g with its graph, Hv = ∇⟨g, v⟩ with its graph, then ∇⟨Hv, v⟩)."""
         self.counts["d3"] += 1
-        f = lambda th: self.functional_loss(th, batch)  # noqa: E731
-        v = v.detach()
+        return self.grad_graph(theta, batch)[2].d3(v, retain=False)
 
-        def vhv(th: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(lambda s: torch.func.jvp(f, (s,), (v,))[1], (th,), (v,))[1]
-
+    def grad_graph(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, GradGraph]:
+        """(loss, ∇L, graph): the gradient at θ with its autograd graph kept, so that Hessian-vector
+        products and ∇³L[v, v] at the same θ reuse the forward and backward passes (as long as θ is
+        not reloaded: any other evaluation of the problem invalidates the graph)."""
+        self._load(theta)
         with torch.enable_grad():
-            return torch.func.grad(vhv)(theta.detach()).detach()
+            loss = self._loss_on_module(batch)
+            grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self._params, grads))
+        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        return loss.detach(), flat, GradGraph(self, grads)
+
+    def full_grad_graph(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, GradGraph] | None:
+        """:meth:`grad_graph` on the whole dataset, or None when it is evaluated in several chunks
+        (keeping every chunk's graph would hold the activations of the whole dataset)."""
+        if self.chunk_size < self.n:
+            return None
+        self.counts["grad"] += 1
+        return self.grad_graph(theta, self.batch())
 
     def _choose_hvp(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch, reps: int = 3) -> str:
         timings = {}
