@@ -116,6 +116,11 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 @contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
 def _pure_batchnorm(module: nn.Module) -> Iterator[None]:
     """Inside, BatchNorm layers (in training mode) use batch statistics without updating their
     running statistics: evaluation is a pure function of θ (needed under torch.func transforms)."""
@@ -129,11 +134,45 @@ def _pure_batchnorm(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def _bn_primitive_forward(m: nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (batch statistics) from primitive ops: autograd through it is right at every order."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dims = [0] + list(range(2, x.ndim))
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        mean = x.mean(dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dims, keepdim=True)
+        out = (x - mean) / torch.sqrt(var + m.eps)
+        if m.affine:
+            out = out * m.weight.view(shape) + m.bias.view(shape)
+        return out
+
+    return forward
+
+
+@contextmanager
+def _primitive_batchnorm(module: nn.Module) -> Iterator[bool]:
+    """Inside, BatchNorm layers in training mode compute with primitive ops (no running-statistics
+    update).  torch's fused batch_norm has a correct first and second derivative but a wrong third
+    (its double-backward formula is not itself differentiated correctly, torch 2.x), so third-derivative
+    contractions go through this.  Yields whether any layer was replaced."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.forward = _bn_primitive_forward(m)
+    try:
+        yield bool(norms)
+    finally:
+        for m in norms:
+            del m.forward
+
+
 class GradGraph:
     """A gradient at θ with its autograd graph kept (see :meth:`Problem.grad_graph`)."""
 
-    def __init__(self, problem: Problem, grads: tuple[torch.Tensor, ...]):
+    def __init__(self, problem: Problem, grads: tuple[torch.Tensor, ...], third_order_ok: bool = True):
         self.problem, self.grads = problem, grads
+        #: False when the graph went through torch's fused BatchNorm (wrong third derivatives)
+        self.third_order_ok = third_order_ok
 
     def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
         return list(self.problem.layout.unflatten(v.detach()).values())
@@ -158,6 +197,8 @@ class GradGraph:
 
     def d3(self, v: torch.Tensor, retain: bool = True) -> torch.Tensor:
         """∇_θ (vᵀ H(θ) v), v fixed."""
+        if not self.third_order_ok:
+            raise RuntimeError("this graph went through fused BatchNorm: build it with grad_graph(..., third_order=True)")
         live = self._live()
         if not live:
             return torch.zeros_like(v)
@@ -300,27 +341,34 @@ class Problem:
         """∇_θ (vᵀ H(θ; batch) v) with v held fixed: the third-derivative contraction ∇³L[v, v]
         (three reverse passes: g with its graph, Hv = ∇⟨g, v⟩ with its graph, then ∇⟨Hv, v⟩)."""
         self.counts["d3"] += 1
-        return self.grad_graph(theta, batch)[2].d3(v, retain=False)
+        return self.grad_graph(theta, batch, third_order=True)[2].d3(v, retain=False)
 
-    def grad_graph(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, GradGraph]:
+    def grad_graph(self, theta: torch.Tensor, batch: Batch, third_order: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, GradGraph]:
         """(loss, ∇L, graph): the gradient at θ with its autograd graph kept, so that Hessian-vector
         products and ∇³L[v, v] at the same θ reuse the forward and backward passes (as long as θ is
-        not reloaded: any other evaluation of the problem invalidates the graph)."""
+        not reloaded: any other evaluation of the problem invalidates the graph).  ``third_order``:
+        BatchNorm layers run as primitive ops so that ``graph.d3`` is right (slower)."""
         self._load(theta)
-        with torch.enable_grad():
+        with torch.enable_grad(), (_primitive_batchnorm(self.module) if third_order else _nothing()):
             loss = self._loss_on_module(batch)
             grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self._params, grads))
         flat = torch.cat([g.detach().reshape(-1) for g in grads])
-        return loss.detach(), flat, GradGraph(self, grads)
+        return loss.detach(), flat, GradGraph(self, grads, third_order or not self.has_batchnorm)
 
-    def full_grad_graph(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, GradGraph] | None:
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.module.modules())
+
+    def full_grad_graph(self, theta: torch.Tensor, third_order: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, GradGraph] | None:
         """:meth:`grad_graph` on the whole dataset, or None when it is evaluated in several chunks
         (keeping every chunk's graph would hold the activations of the whole dataset)."""
         if self.chunk_size < self.n:
             return None
         self.counts["grad"] += 1
-        return self.grad_graph(theta, self.batch())
+        return self.grad_graph(theta, self.batch(), third_order)
 
     def _choose_hvp(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch, reps: int = 3) -> str:
         timings = {}

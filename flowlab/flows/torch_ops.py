@@ -17,7 +17,9 @@ class TorchOps:
     unmodified, with no other evaluation of the problem in between), later gradients are computed
     with their autograd graph kept, and HVPs / third-derivative contractions at that θ run only the
     extra backward passes (the forward and first backward pass are shared).  This needs the whole
-    dataset in one chunk (``data.chunk_size`` unset); ``reuse_graph=False`` turns it off.
+    dataset in one chunk (``data.chunk_size`` unset); ``reuse_graph=False`` turns it off.  Once
+    ``d3`` has been called, kept graphs run BatchNorm as primitive ops (torch's fused BatchNorm has
+    wrong third derivatives).
     """
 
     backend = "torch"
@@ -27,6 +29,7 @@ class TorchOps:
         self.counts = {"loss": 0, "grad": 0, "hvp": 0, "d3": 0}
         self.reuse_graph = reuse_graph
         self._last: tuple | None = None  # (theta, version, stamp, graph or None)
+        self.third_order = False  # set by the first d3 call: graphs then keep BatchNorm differentiable thrice
 
     def _stamp(self) -> int:
         return sum(self.problem.counts.values())
@@ -48,7 +51,7 @@ class TorchOps:
     def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.counts["grad"] += 1
         if self.reuse_graph is True:
-            res = self.problem.full_grad_graph(theta)
+            res = self.problem.full_grad_graph(theta, third_order=self.third_order)
             if res is not None:
                 self._remember(theta, res[2])
                 return res[0], res[1]
@@ -78,8 +81,9 @@ class TorchOps:
 
     def d3(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.counts["d3"] += 1
+        self.third_order = True
         graph = self._graph(theta)
-        if graph is not None:
+        if graph is not None and graph.third_order_ok:
             return graph.d3(v)
         out = self.problem.full_d3(theta, v)
         self._last = None
