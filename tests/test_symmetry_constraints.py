@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_symmetry_models import GNConv, GroupedConv, LNMLP, leaky_mlp, res_mlp, tanh_net, vgg_style
+from test_symmetry_models import LNMLP, GNConv, GroupedConv, leaky_mlp, res_mlp, tanh_net, vgg_style
 from torch import nn
 
 from flowlab.data import Data
 from flowlab.problem import Problem
-from flowlab.symmetry import GroupSpec, Groups, SymmetryProjector, check_constraints, detect_problem
+from flowlab.symmetry import Groups, GroupSpec, SymmetryProjector, check_constraints, detect_problem
 from flowlab.symmetry.groups import build_user_blocks
 
 TOL = 1e-10

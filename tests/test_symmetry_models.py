@@ -21,9 +21,10 @@ from flowlab.symmetry import detect
 class VGGStyle(nn.Module):
     """conv–[BN]–ReLU–maxpool, conv–[BN]–ReLU–avgpool, flatten, fc–ReLU–dropout, fc (8×8 input)."""
 
-    def __init__(self, batchnorm: bool = True, in_ch: int = 1, classes: int = 4, bn_eps: float = 1e-5):
+    def __init__(self, batchnorm: bool = True, in_ch: int = 1, classes: int = 4, bn_eps: float = 1e-5,
+                 dropout: float = 0.25):
         super().__init__()
-        self.batchnorm = batchnorm
+        self.batchnorm, self.p = batchnorm, dropout
         self.c1 = nn.Conv2d(in_ch, 3, 3, padding=1)
         self.c2 = nn.Conv2d(3, 4, 3, padding=1)
         if batchnorm:
@@ -42,12 +43,12 @@ class VGGStyle(nn.Module):
             x = self.b2(x)
         x = F.avg_pool2d(torch.relu(x), 2)
         x = x.view(x.size(0), -1)
-        x = F.dropout(F.relu(self.fc1(x)), 0.25, self.training)
+        x = F.dropout(F.relu(self.fc1(x)), self.p, self.training)
         return self.fc2(x)
 
 
-def vgg_style(batchnorm: bool = True, bn_eps: float = 1e-5, num_outputs: int = 4) -> nn.Module:
-    return VGGStyle(batchnorm, 1, num_outputs, bn_eps)
+def vgg_style(batchnorm: bool = True, bn_eps: float = 1e-5, dropout: float = 0.25, num_outputs: int = 4) -> nn.Module:
+    return VGGStyle(batchnorm, 1, num_outputs, bn_eps, dropout)
 
 
 def leaky_mlp(num_outputs: int = 4) -> nn.Module:
@@ -142,7 +143,9 @@ def ix(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def grp(kind: str, plus, minus=()) -> tuple:
-    cat = (lambda ts: frozenset(torch.cat([t.reshape(-1) for t in ts]).tolist()) if ts else frozenset())
+    def cat(ts):
+        return frozenset(torch.cat([t.reshape(-1) for t in ts]).tolist()) if ts else frozenset()
+
     return (kind, cat(list(plus)), cat(list(minus)))
 
 
@@ -159,14 +162,14 @@ def found(model: nn.Module, X: torch.Tensor, loss=F.cross_entropy, y=None):
     return set(got), det
 
 
-def rescale_units(I, layer, nxt, n, cols_per_unit: int = 1):
-    return [grp("rescale", [I[f"{layer}.weight"][c], I[f"{layer}.bias"][c]],
-                [I[f"{nxt}.weight"][:, c * cols_per_unit:(c + 1) * cols_per_unit]]) for c in range(n)]
+def rescale_units(ii, layer, nxt, n, cols_per_unit: int = 1):
+    return [grp("rescale", [ii[f"{layer}.weight"][c], ii[f"{layer}.bias"][c]],
+                [ii[f"{nxt}.weight"][:, c * cols_per_unit:(c + 1) * cols_per_unit]]) for c in range(n)]
 
 
-def translation(I, layer, n_in):
-    return [grp("translation", [I[f"{layer}.weight"][:, j]]) for j in range(n_in)] + \
-        [grp("translation", [I[f"{layer}.bias"]])]
+def translation(ii, layer, n_in):
+    return [grp("translation", [ii[f"{layer}.weight"][:, j]]) for j in range(n_in)] + \
+        [grp("translation", [ii[f"{layer}.bias"]])]
 
 
 IMG = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -174,22 +177,22 @@ IMG = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 def test_vgg_style_without_batchnorm():
     m = vgg_style(batchnorm=False)
-    I = ix(m)
-    expected = set(rescale_units(I, "c1", "c2", 3) + rescale_units(I, "c2", "fc1", 4, cols_per_unit=4)
-                   + rescale_units(I, "fc1", "fc2", 6) + translation(I, "fc2", 6))
+    ii = ix(m)
+    expected = set(rescale_units(ii, "c1", "c2", 3) + rescale_units(ii, "c2", "fc1", 4, cols_per_unit=4)
+                   + rescale_units(ii, "fc1", "fc2", 6) + translation(ii, "fc2", 6))
     got, _ = found(m, IMG)
     assert got == expected
 
 
 def test_vgg_style_with_batchnorm():
     m = vgg_style(batchnorm=True)
-    I = ix(m)
+    ii = ix(m)
     expected = set(
-        [grp("scale", [I["c1.weight"][c], I["c1.bias"][c]]) for c in range(3)]
-        + rescale_units(I, "b1", "c2", 3)
-        + [grp("scale", [I["c2.weight"][c], I["c2.bias"][c]]) for c in range(4)]
-        + rescale_units(I, "b2", "fc1", 4, cols_per_unit=4)
-        + rescale_units(I, "fc1", "fc2", 6) + translation(I, "fc2", 6))
+        [grp("scale", [ii["c1.weight"][c], ii["c1.bias"][c]]) for c in range(3)]
+        + rescale_units(ii, "b1", "c2", 3)
+        + [grp("scale", [ii["c2.weight"][c], ii["c2.bias"][c]]) for c in range(4)]
+        + rescale_units(ii, "b2", "fc1", 4, cols_per_unit=4)
+        + rescale_units(ii, "fc1", "fc2", 6) + translation(ii, "fc2", 6))
     got, det = found(m, IMG)
     assert got == expected
     assert det.groups.eps[det.groups.kinds == "scale"].min() == 1e-5  # scale groups know their norm's ε
@@ -197,16 +200,16 @@ def test_vgg_style_with_batchnorm():
 
 def test_mlp_leaky_relu_with_dropout():
     m = leaky_mlp()
-    I = ix(m)
-    expected = set(rescale_units(I, "1", "4", 7) + rescale_units(I, "4", "6", 5) + translation(I, "6", 5))
+    ii = ix(m)
+    expected = set(rescale_units(ii, "1", "4", 7) + rescale_units(ii, "4", "6", 5) + translation(ii, "6", 5))
     got, _ = found(m, IMG)
     assert got == expected
 
 
 def test_tanh_layer_gets_no_group():
     m = tanh_net()
-    I = ix(m)
-    expected = set(rescale_units(I, "3", "5", 5) + translation(I, "5", 5))
+    ii = ix(m)
+    expected = set(rescale_units(ii, "3", "5", 5) + translation(ii, "5", 5))
     got, det = found(m, IMG)
     assert got == expected
     assert any(s.layer == "1" and "tanh" in s.reason for s in det.skipped)
@@ -214,9 +217,9 @@ def test_tanh_layer_gets_no_group():
 
 def test_residual_block_no_false_group():
     m = res_mlp()
-    I = ix(m)
+    ii = ix(m)
     # only blk1's neurons sit between two layers with nothing else reading them
-    expected = set(rescale_units(I, "blk1", "blk2", 5) + translation(I, "head", 6))
+    expected = set(rescale_units(ii, "blk1", "blk2", 5) + translation(ii, "head", 6))
     got, det = found(m, IMG)
     assert got == expected
     reasons = {s.layer: s.reason for s in det.skipped}
@@ -225,50 +228,52 @@ def test_residual_block_no_false_group():
 
 def test_gelu_and_mse_loss():
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.GELU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
-    I = ix(m)
+    ii = ix(m)
     y = torch.randn(IMG.shape[0], 2, dtype=IMG.dtype)
-    mse = (lambda out, t: 0.5 * (out - t).pow(2).sum(1).mean())
+    def mse(out, t):
+        return 0.5 * (out - t).pow(2).sum(1).mean()
+
     got, det = found(m, IMG, mse, y)
-    assert got == set(rescale_units(I, "3", "5", 4))  # no translation with a squared error, none after GELU
+    assert got == set(rescale_units(ii, "3", "5", 4))  # no translation with a squared error, none after GELU
     assert any(s.kind == "translation" for s in det.skipped)
 
 
 def test_layernorm_whole_layer_scale_and_affine_rescale():
     m = LNMLP()
-    I = ix(m)
-    expected = set([grp("scale", [I["fc1.weight"], I["fc1.bias"]])] + rescale_units(I, "ln", "fc2", 6)
-                   + translation(I, "fc2", 6))
+    ii = ix(m)
+    expected = set([grp("scale", [ii["fc1.weight"], ii["fc1.bias"]])] + rescale_units(ii, "ln", "fc2", 6)
+                   + translation(ii, "fc2", 6))
     got, _ = found(m, IMG)
     assert got == expected
 
 
 def test_groupnorm_per_group_of_channels():
     m = GNConv()
-    I = ix(m)
-    expected = set([grp("scale", [I["conv.weight"][0:2], I["conv.bias"][0:2]]),
-                    grp("scale", [I["conv.weight"][2:4], I["conv.bias"][2:4]])]
-                   + rescale_units(I, "gn", "fc", 4, cols_per_unit=36) + translation(I, "fc", 4 * 36))
+    ii = ix(m)
+    expected = set([grp("scale", [ii["conv.weight"][0:2], ii["conv.bias"][0:2]]),
+                    grp("scale", [ii["conv.weight"][2:4], ii["conv.bias"][2:4]])]
+                   + rescale_units(ii, "gn", "fc", 4, cols_per_unit=36) + translation(ii, "fc", 4 * 36))
     got, _ = found(m, IMG)
     assert got == expected
 
 
 def test_grouped_convolution_outgoing_weights():
     m = GroupedConv()
-    I = ix(m)
-    Wb = I["b.weight"]  # (4, 2, 3, 3): output channels 0-1 read inputs 0-1, outputs 2-3 read inputs 2-3
-    expected = {grp("rescale", [I["a.weight"][c], I["a.bias"][c]], [Wb[2 * (c // 2):2 * (c // 2) + 2, c % 2]])
+    ii = ix(m)
+    Wb = ii["b.weight"]  # (4, 2, 3, 3): output channels 0-1 read inputs 0-1, outputs 2-3 read inputs 2-3
+    expected = {grp("rescale", [ii["a.weight"][c], ii["a.bias"][c]], [Wb[2 * (c // 2):2 * (c // 2) + 2, c % 2]])
                 for c in range(4)}
-    expected |= {grp("rescale", [I["b.weight"][c]], [I["fc.weight"][:, 16 * c:16 * (c + 1)]]) for c in range(4)}
-    expected |= set(translation(I, "fc", 64))
+    expected |= {grp("rescale", [ii["b.weight"][c]], [ii["fc.weight"][:, 16 * c:16 * (c + 1)]]) for c in range(4)}
+    expected |= set(translation(ii, "fc", 64))
     got, _ = found(m, IMG)
     assert got == expected
 
 
 def test_shared_weights_get_no_group():
     m = Shared()
-    I = ix(m)
+    ii = ix(m)
     got, det = found(m, IMG)
-    assert got == set(translation(I, "out", 8))
+    assert got == set(translation(ii, "out", 8))
     assert {s.layer for s in det.skipped} >= {"fc1", "sq"}
 
 

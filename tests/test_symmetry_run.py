@@ -206,3 +206,25 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert "symmetry.enabeld" in err and "did you mean 'enabled'" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["report", str(tmp_path / "nowhere")]) == 2
     assert cli_main(["check", _toml(tmp_path, "[[symmetry.groups]]\nkind = \"scale\"\nparams = [\"nope\"]\n")]) == 2
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "test_symmetry_models:vgg_style", "batchnorm": True, "bn_eps": 1e-300, "dropout": 0.0},
+    {"name": "test_symmetry_models:res_mlp"},
+])
+def test_gradient_flow_conserves_every_quantity(tmp_path, model):
+    """θ' = −∇L (full batch, no weight decay) by RK4 with dt = 0.0025: every quantity constant to
+    ≤ 1e-8 relative to its scale, while full-batch GD with η = 0.1 drifts by η²Σ|g_A|² terms, far more.
+
+    RK4's conservation error is O(dt⁴) on smooth stretches; ReLU kinks lower the observed order to
+    ~2.5 (measured 2.6e-8 at dt = 0.01, 8e-10 at dt = 0.0025 on the BatchNorm net over t = 1)."""
+    pytest.importorskip("flowlab.flows")
+    raw = _study(tmp_path, steps=5, wd=0.0, model=model, schedule={"name": "constant"}).to_dict()
+    raw["optimizer"]["batch_size"] = "full"
+    raw["flows"] = [{"name": "gradient_flow", "integrator": "flowlab:rk4", "dt": 0.0025, "label": "gf"}]
+    ds = flowlab.run(flowlab.parse_study(raw), out=tmp_path / "gf", overwrite=True).load()
+    assert list(ds.method.values) == ["sgd", "gf"] and str(ds.status.values[1]) == "ok"
+    rel = np.abs(ds.drift.values) / ds.group_scale.values  # (method, time, group)
+    print(f"gradient flow: max relative drift {rel[1].max():.1e}; gd {rel[0].max():.1e}")
+    assert rel[1].max() <= 1e-8
+    assert rel[0].max() > 100 * rel[1].max()

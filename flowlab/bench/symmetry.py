@@ -95,7 +95,10 @@ def bench_step_ratio(steps: int, batch: int, dtype: str, device: str, repeats: i
         on.append(t)
     r_min = min(on) / min(off)
     r_med = statistics.median(on) / statistics.median(off)
-    runs = (lambda ts: ", ".join(f"{t * 1e3:.1f}" for t in ts))
+
+    def runs(ts: list[float]) -> str:
+        return ", ".join(f"{t * 1e3:.1f}" for t in ts)
+
     print(f"narrow VGG-16, batch {batch}, {dtype}, {device}: {groups} groups recorded every step, {steps} steps per run")
     print(f"  SGD step without symmetry recording: min {min(off) * 1e3:7.2f} ms, median {statistics.median(off) * 1e3:7.2f}"
           f"  (runs: {runs(off)})")

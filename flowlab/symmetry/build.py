@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from flowlab.problem import Problem
 
 from .config import SymmetrySection, parse_symmetry

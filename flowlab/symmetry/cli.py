@@ -15,12 +15,20 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a study key, e.g. model.width=0.5")
 
 
-def _build(args: argparse.Namespace):
+def _build(args: argparse.Namespace, overrides: tuple[str, ...] = ()):
     from flowlab.build import build
     from flowlab.config import load_study
 
-    study = load_study(args.study, args.set or ())
+    study = load_study(args.study, [*(args.set or ()), *overrides])
     return study, build(study)
+
+
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=140)
 
 
 def _fmt(x: float) -> str:
@@ -33,7 +41,6 @@ def _configure_symmetries(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_symmetries(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -43,7 +50,7 @@ def _cmd_symmetries(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     groups = study_groups(study, built.problem)
     dt = time.perf_counter() - t0
-    console = Console()
+    console = _console()
     table = Table(title=f"{study.name}: {len(groups)} symmetry groups ({built.problem.dim} parameters, found in {dt:.2f} s)")
     for col in ("kind", "layer", "groups", "size", "members", "origin"):
         table.add_column(col, justify="right" if col in ("groups", "size") else "left")
@@ -66,8 +73,11 @@ def _cmd_symmetries(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------- check
 def _configure_check(p: argparse.ArgumentParser) -> None:
     _study_args(p)
-    p.add_argument("--hessian", type=int, default=8, metavar="N",
-                   help="Hessian identities for N groups per kind and layer (0: every group; default 8)")
+    p.add_argument("--hessian", type=int, default=4, metavar="N",
+                   help="Hessian identities for N groups per kind and layer (0: every group; default 4)")
+    p.add_argument("--as-is", action="store_true",
+                   help="check in the study's dtype (default: float64, where round-off is far below a wrong group's "
+                        "residual; the groups do not depend on the dtype)")
     p.add_argument("--keep-eps", action="store_true",
                    help="check with the normalisations' own ε (> 0 makes scale groups only approximately invariant)")
     p.add_argument("--full-batch", action="store_true", help="use the whole dataset instead of the first SGD batch")
@@ -76,7 +86,6 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -86,7 +95,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .build import study_groups
     from .checks import check_constraints
 
-    study, built = _build(args)
+    study, built = _build(args, () if args.as_is else ("study.dtype=float64",))
     problem = built.problem
     groups = study_groups(study, problem)
     if len(groups) == 0:
@@ -110,8 +119,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = check_constraints(problem, groups, problem.theta0, batch, hessian_per_layer=args.hessian, tolerance=tol,
                             exact=not args.keep_eps, seed=study.study.seed)
-    console = Console()
-    table = Table(title=f"{study.name}: constraint residuals at θ0 on {where} (relative; flag > {res.tolerance:.1e})")
+    console = _console()
+    dtype = str(problem.dtype).replace("torch.", "")
+    table = Table(title=f"{study.name}: constraint residuals at θ0 on {where}, {dtype} (relative; flag > {res.tolerance:.1e})")
     for col in ("kind", "layer", "groups", "max |⟨g,s_A⟩|", "max |H s_A + r_A|", "hessian checked", "status"):
         table.add_column(col, justify="left" if col in ("kind", "layer", "status") else "right")
     for r in res.by_layer():
@@ -140,7 +150,6 @@ def _configure_report(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -155,7 +164,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         vals = [escape(r["method"]), r["kind"]] + ([escape(r["layer"])] if args.by_layer else []) + [
             str(r["groups"]), _fmt(r["max_rel_drift"]), "–" if math.isnan(r["at_time"]) else f"{r['at_time']:.4g}"]
         table.add_row(*vals)
-    console = Console()
+    console = _console()
     console.print(table)
     for p in paths:
         console.print(f"wrote {p}", highlight=False)

@@ -227,7 +227,7 @@ class _Analysis:
                 self.layers[c].weight = None if b is not None else self.layers[c].weight
             self.layers[c].why = wprob or bprob or ("its weight is not a parameter" if w is not None and not ok_w else "")
         for name, why in self.bad_params.items():
-            for c, layer in self.layers.items():
+            for layer in self.layers.values():
                 if layer.weight == name or layer.bias == name:
                     layer.weight = None
                     layer.bias = None
@@ -369,6 +369,9 @@ class _Analysis:
         if name in _NOT_HOMOG:
             raise _Fail(f"goes to {name}, which is not positively homogeneous")
         if name in _MIXING:
+            other = call.args[1] if len(call.args) > 1 else None
+            if _pyscalar(other):
+                raise _Fail(f"goes to {name} with the constant {other} (an offset breaks homogeneity)")
             raise _Fail(f"goes to {name} with another tensor (a residual/skip connection or mixing)")
         if name in _SOFTMAX or name in ("cross_entropy", "nll_loss", "mse_loss"):
             raise _Fail(f"goes to {name} (no following layer)")
@@ -433,9 +436,9 @@ class _Analysis:
         if layer.op == "linear":
             return W.t().contiguous()
         g = int(layer.call.arg(6, "groups", 1))
-        O, Cg = W.shape[0], W.shape[1]
+        n_out, Cg = W.shape[0], W.shape[1]
         K = int(math.prod(W.shape[2:]))
-        return W.reshape(g, O // g, Cg, K).permute(0, 2, 1, 3).reshape(g * Cg, (O // g) * K).contiguous()
+        return W.reshape(g, n_out // g, Cg, K).permute(0, 2, 1, 3).reshape(g * Cg, (n_out // g) * K).contiguous()
 
     # ------------------------------------------------------------ groups
     def rescale_and_scale(self) -> None:
@@ -644,6 +647,12 @@ class _Analysis:
     def run(self) -> Detection:
         self.rescale_and_scale()
         self.translation()
+        in_layers = {n for la in self.layers.values() for n in (la.weight, la.bias) if n}
+        for name, why in self.bad_params.items():
+            if name not in in_layers and not any(la.why and name in la.why for la in self.layers.values()):
+                self.skipped.append(Skipped(layer_name(name), "scale/rescale",
+                                            f"parameter {name} is {why} (only Linear/Conv/normalisation weights used "
+                                            "directly are analysed)"))
         self.blocks.sort(key=lambda kb: kb[0])
         skipped = list({(s.layer, s.kind, s.reason): s for s in self.skipped}.values())
         groups = Groups(self.layout, [b for _, b in self.blocks], skipped)

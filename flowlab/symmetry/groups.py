@@ -137,7 +137,10 @@ class Groups:
         self.blocks = [b for b in blocks if len(b)]
         self.skipped = list(skipped)
         self._offsets = np.cumsum([0] + [len(b) for b in self.blocks])
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
+
+        def cat(xs: list, dt) -> np.ndarray:
+            return np.concatenate(xs) if xs else np.zeros(0, dtype=dt)
+
         self.kinds = cat([np.full(len(b), b.kind, dtype=object) for b in self.blocks], object).astype(str)
         self.layers = cat([np.full(len(b), b.layer, dtype=object) for b in self.blocks], object).astype(str)
         self.units = cat([b.units for b in self.blocks], np.int64)
