@@ -157,7 +157,31 @@ def test_fixed_step_lands_exactly_on_recording_times_and_counts_nfe():
     ops = TorchOps(problem)
     flow = make_flow("gradient_flow")
     hp = Hyper(lr=0.1)
-    session = make_integrator("flowlab:rk4", dt=0.04).start(flow, ops, hp, 0.0, (problem.theta0.clone(),))
+    integ = make_integrator("flowlab:rk4", dt=0.04, options={"land": True})
+    session = integ.start(flow, ops, hp, 0.0, (problem.theta0.clone(),))
     session.advance(0.1)  # ⌈0.1/0.04⌉ = 3 equal steps of 1/30
     assert session.steps == 3 and session.nfe == 12 and session.t == 0.1
     assert ops.counts["grad"] == 12
+
+
+@pytest.mark.parametrize("name", ["gradient_flow", "momentum_second_order", "modified_temporal"])
+def test_fixed_step_dense_output_is_fourth_order_between_grid_points(name):
+    """Default mode: steps of exactly dt, recording times in between by Hermite interpolation —
+    the error at off-grid times still falls as dt⁴, and the steps do not depend on the intervals."""
+    hp = Hyper(lr=0.2, weight_decay=0.1, momentum=0.5 if "momentum" in name else 0.0)
+    problem = flowlab.build(quadratic_study([], lr=0.2, weight_decay=0.1)).problem
+    M, y0, _ = system(name, hp)
+    flow = make_flow(name)
+    errs = []
+    for dt in (0.04, 0.02, 0.01):
+        ops = TorchOps(problem)
+        session = make_integrator("flowlab:rk4", dt=dt).start(flow, ops, hp, 0.0, flow.initial_state(problem.theta0.clone(), ops, hp))
+        err = 0.0
+        for t in (0.013, 0.2, 0.37, 0.5, 0.977):
+            y = torch.cat([s.reshape(-1) for s in session.advance(t)]).numpy()
+            err = max(err, float(np.abs(y - expm(t * M) @ y0).max()))
+        errs.append(err)
+        assert session.steps == int(np.ceil(0.977 / dt - 1e-9))
+        assert session.nfe <= 4 * session.steps + 1
+    slopes = np.diff(np.log(errs)) / np.diff(np.log([0.04, 0.02, 0.01]))
+    assert np.all(slopes > 3.7), (errs, slopes)

@@ -131,7 +131,8 @@ class FlowFollower:
         theta = self.integrator.to_torch(self.flow.theta(state), self.problem.theta0)
         with torch.no_grad():
             loss = self.problem.full_loss(theta)
-        velocity = self.integrator.to_torch(state[1], self.problem.theta0) if len(state) > 1 else None
+        velocity = (self.integrator.to_torch(state[1], self.problem.theta0)
+                    if getattr(self.flow, "state_size", len(state)) > 1 else None)  # wrappers may append state
         self.wall_seconds += time.perf_counter() - start
         return Point(self.label, index, step, t, theta, loss, None, None, velocity=velocity,
                      extras={"nfe": self.nfe, "flow_time": self.flow_time, "full_loss": loss})

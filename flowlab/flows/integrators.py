@@ -19,7 +19,7 @@ from .base import Flow, FlowStopped, Hyper, Integrator, Ops
 from .registry import INTEGRATORS
 
 DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-5}
-DEFAULT_MAX_STEPS = 100_000
+DEFAULT_MAX_STEPS = 10_000
 
 
 def _dtype_of(state: tuple) -> torch.dtype:
@@ -27,17 +27,19 @@ def _dtype_of(state: tuple) -> torch.dtype:
 
 
 class _Field:
-    """The flow's vector field on a flat torch state (θ, or θ and θ' concatenated), counted."""
+    """The flow's vector field on a flat torch state (θ, or θ and θ' — and any parts a wrapper
+    appends, e.g. the theory's per-group law state — concatenated), counted."""
 
-    def __init__(self, flow: Flow, ops: Ops, hp: Hyper, size: int, parts: int):
-        self.flow, self.ops, self.hp, self.m, self.parts = flow, ops, hp, size, parts
+    def __init__(self, flow: Flow, ops: Ops, hp: Hyper, sizes: list[int]):
+        self.flow, self.ops, self.hp = flow, ops, hp
+        self.sizes, self.parts = list(sizes), len(sizes)
         self.nfe = 0
         self.nonfinite = 0
 
     def split(self, y: torch.Tensor) -> tuple:
         if self.parts == 1:
             return (y,)
-        return tuple(y[i * self.m:(i + 1) * self.m] for i in range(self.parts))
+        return tuple(y.split(self.sizes))
 
     def join(self, parts: tuple) -> torch.Tensor:
         if self.parts == 1:
@@ -132,7 +134,7 @@ class _TorchdiffeqSession:
         self.integ, self.flow, self.t = integ, flow, t0
         y0 = _flat(state)
         self.m = state[0].numel()
-        self.field = _Field(flow, ops, hp, self.m, len(state))
+        self.field = _Field(flow, ops, hp, [s.numel() for s in state])
         self.y = y0
         self.steps = 0
         self.solver = None
@@ -242,20 +244,29 @@ TABLEAUX = {
 
 
 class FixedStepIntegrator(Integrator):
-    """flowlab's explicit fixed-step Runge–Kutta: in the problem's own device tensors, under
-    ``torch.no_grad`` (no graph kept), each interval cut into ⌈Δt/dt⌉ equal steps (``dt``: default
-    the discrete run's learning rate η).  ``check_every``: test the state for non-finite values every
+    """flowlab's explicit fixed-step Runge–Kutta, in the problem's own device tensors under
+    ``torch.no_grad`` (no autograd graph kept).  ``dt``: the step (default: the discrete run's
+    learning rate η).  ``land = false`` (default): steps of exactly dt on the grid t0 + k·dt, the
+    state at a recording time between two grid points from cubic Hermite interpolation (O(dt⁴), with
+    the derivative at the step's end, which is the next step's first stage: one evaluation more per
+    interval at most); ``land = true``: each recording interval cut into ⌈Δt/dt⌉ equal steps, so
+    every recording time is a step end.  ``check_every``: test the state for non-finite values every
     so many steps (0: at the end of each interval only; each test syncs a GPU)."""
 
     kind = "fixed"
     scheme = "rk4"
 
     def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
-                 check_every: int = 1):
+                 land: bool = False, check_every: int = 1):
         if rtol is not None or atol is not None:
             raise ConfigError("flows.rtol", rtol if rtol is not None else atol,
                               f"flowlab:{self.scheme} is a fixed-step method: give dt, not rtol/atol")
+        if not isinstance(land, bool):
+            raise ConfigError("flows.integrator_options.land", land, "expected true or false")
+        if not isinstance(check_every, int) or check_every < 0:
+            raise ConfigError("flows.integrator_options.check_every", check_every, "expected an integer >= 0")
         self.dt = dt
+        self.land = land
         self.check_every = check_every
         self.a, self.b = TABLEAUX[self.scheme]
 
@@ -274,14 +285,21 @@ class FixedStepIntegrator(Integrator):
         return new
 
     def describe(self) -> dict:
-        return {"name": self.name, "dt": self.dt}
+        return {"name": self.name, "dt": self.dt, "land": self.land}
 
 
 class _FixedSession:
     def __init__(self, integ: FixedStepIntegrator, flow: Flow, ops: Ops, hp: Hyper, t0: float, state: tuple):
-        self.integ, self.flow, self.ops, self.hp, self.t = integ, flow, ops, hp, t0
-        self.state = tuple(s.detach().clone() for s in state)
+        self.integ, self.flow, self.ops, self.hp = integ, flow, ops, hp
         self.dt = integ.dt if integ.dt is not None else hp.lr / getattr(integ, "_factor", 1.0)
+        self.t = t0  # the time of ``state``
+        self.state = tuple(s.detach().clone() for s in state)
+        # dense mode: the last step [ta, tb] with states and derivatives at both ends
+        self.ta = self.tb = t0
+        self.ya = self.yb = self.state
+        self.fa: tuple | None = None
+        self.fb: tuple | None = None
+        self.t_start, self.k = t0, 0
         self.nfe = 0
         self.steps = 0
 
@@ -290,49 +308,73 @@ class _FixedSession:
         return self.flow.vector_field(t, y, self.ops, self.hp)
 
     @torch.no_grad()
-    def _step(self, t: float, h: float) -> None:
+    def _step(self, t: float, y: tuple, h: float, k1: tuple | None = None) -> tuple:
         a, b = self.integ.a, self.integ.b
-        y = self.state
         ks: list[tuple] = []
         for i in range(len(b)):
             if i == 0:
-                yi = y
-            else:
-                yi = tuple(yj.clone() for yj in y)
-                for j, aij in enumerate(a[i - 1]):
-                    if aij:
-                        for part, kpart in zip(yi, ks[j]):
-                            part.add_(kpart, alpha=h * aij)
-            ci = sum(a[i - 1]) if i else 0.0
-            ks.append(self._f(t + ci * h, yi))
-        new = tuple(yj.clone() for yj in y)
+                ks.append(k1 if k1 is not None else self._f(t, y))
+                continue
+            yi = tuple(part.clone() for part in y)
+            for j, aij in enumerate(a[i - 1]):
+                if aij:
+                    for part, kpart in zip(yi, ks[j]):
+                        part.add_(kpart, alpha=h * aij)
+            ks.append(self._f(t + sum(a[i - 1]) * h, yi))
+        new = tuple(part.clone() for part in y)
         for bi, k in zip(b, ks):
             if bi:
                 for part, kpart in zip(new, k):
                     part.add_(kpart, alpha=h * bi)
-        self.state = new
         self.steps += 1
+        every = self.integ.check_every
+        if every and self.steps % every == 0:
+            for part in new:
+                _check_finite(part, t + h, self.integ.name)
+        return new
 
     def advance(self, t1: float) -> tuple:
         t1 = float(t1)
         if t1 <= self.t:
             return self.state
-        n = max(1, math.ceil((t1 - self.t) / self.dt - 1e-9))
-        h = (t1 - self.t) / n
-        t0 = self.t
-        for i in range(n):
-            self._step(t0 + i * h, h)
-            every = self.integ.check_every
-            if i == n - 1 or (every and self.steps % every == 0):
-                for part in self.state:
-                    _check_finite(part, t0 + (i + 1) * h, self.integ.name)
+        with torch.no_grad():
+            if self.integ.land:
+                n = max(1, math.ceil((t1 - self.t) / self.dt - 1e-9))
+                h = (t1 - self.t) / n
+                y, t0 = self.state, self.t
+                for i in range(n):
+                    y = self._step(t0 + i * h, y, h)
+                self.state = y
+            else:
+                self.state = self._dense(t1)
+        for part in self.state:
+            _check_finite(part, t1, self.integ.name)
         self.t = t1
         return self.state
+
+    def _dense(self, t1: float) -> tuple:
+        while self.tb < t1 - 1e-12 * max(1.0, abs(t1)):
+            k1 = self.fb if self.fb is not None else self._f(self.tb, self.yb)
+            y = self._step(self.tb, self.yb, self.t_start + (self.k + 1) * self.dt - self.tb, k1)
+            self.ta, self.ya, self.fa = self.tb, self.yb, k1
+            self.k += 1
+            self.tb = self.t_start + self.k * self.dt
+            self.yb, self.fb = y, None
+        if abs(t1 - self.tb) <= 1e-12 * max(1.0, abs(t1)):
+            return self.yb
+        if self.fb is None:  # the next step's first stage, needed by the interpolant
+            self.fb = self._f(self.tb, self.yb)
+        h = self.tb - self.ta
+        s = (t1 - self.ta) / h
+        h00, h10 = (1 + 2 * s) * (1 - s) ** 2, s * (1 - s) ** 2
+        h01, h11 = s * s * (3 - 2 * s), s * s * (s - 1)
+        return tuple(h00 * ya + (h10 * h) * fa + h01 * yb + (h11 * h) * fb
+                     for ya, fa, yb, fb in zip(self.ya, self.fa, self.yb, self.fb))
 
 
 for _scheme in TABLEAUX:
     _cls = type(f"FixedStep_{_scheme}", (FixedStepIntegrator,), {
         "scheme": _scheme,
-        "__doc__": f"flowlab's fixed-step {_scheme} (dt, default η; no autograd graph kept; exact landing on recording times)",
+        "__doc__": f"flowlab's fixed-step {_scheme} (dt, default η; no autograd graph kept; dense output or land = true)",
     })
     INTEGRATORS.add(f"flowlab:{_scheme}", _cls)

@@ -1,0 +1,167 @@
+"""Flow integration and HVP cost against a raw PyTorch gradient, measured in one process.
+
+    python -m flowlab.bench flows [--part gf|hvp|all] [--repeats R] [--threads 1]
+
+``gf``: gradient flow on the MLP 64-128-128-10 over the whole digits set (1797 examples, float32),
+integrated interval by interval (as in a run, 20 recording intervals) by ``torchdiffeq:dopri5`` and
+by ``flowlab:rk4``; printed: wall time ÷ (nfe × raw grad time), where the raw grad time is a plain
+``loss.backward()`` on an ``nn.Module`` copy of the model, same batch.  Target ≤ 1.05.
+
+``hvp``: H v ÷ raw grad time on the narrow VGG-16 (batch 256 of 3×32×32, float32, CPU) and on the
+MLP: torch's double backward (``Problem`` method ``double_backward``), forward-over-reverse
+(``torch.func.jvp`` of ``torch.func.grad``), and — what a flow's vector field pays — an HVP at a θ
+whose gradient was just computed with its graph kept (``TorchOps`` graph reuse), also given as the
+whole field G + HG ÷ grad.  Target for a stand-alone HVP: ≤ 2.0.
+
+Timing: repeats alternate the raw gradient and the measured operation; each ratio is a ratio of
+medians.  The machine may be shared: use ``--repeats`` ≥ 5 and read the spread (min..max of the
+per-repeat ratios) printed beside each ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import flowlab
+from flowlab.flows import Hyper, TorchOps, make_flow, make_integrator
+
+
+def _mlp_problem(dtype: str = "float32") -> flowlab.Built:
+    raw = {
+        "study": {"name": "bench_flows", "dtype": dtype, "device": "cpu", "seed": 0},
+        "model": {"name": "mlp", "widths": [128, 128], "activation": "relu"},
+        "data": {"name": "digits"},
+        "loss": {"name": "cross_entropy", "hvp": "double_backward"},
+        "optimizer": {"lr": 0.1, "steps": 1, "batch_size": "full"},
+    }
+    return flowlab.build(flowlab.parse_study(raw))
+
+
+def _vgg_problem(batch: int = 256) -> flowlab.Problem:
+    from flowlab.data import Data
+    from flowlab.models import vgg16_narrow
+
+    torch.manual_seed(0)
+    X = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    net = vgg16_narrow()
+    return flowlab.Problem(net, F.cross_entropy, Data(X, y, 10, "random"), dtype=torch.float32, device="cpu",
+                           hvp="double_backward")
+
+
+class RawGrad:
+    """A plain ``loss.backward()`` on an independent copy of the problem's module."""
+
+    def __init__(self, problem: flowlab.Problem):
+        self.module = copy.deepcopy(problem.module)
+        for p in self.module.parameters():  # own storage, ordinary leaf parameters
+            p.data = p.data.clone()
+            p.grad = None
+        self.X, self.y, self.loss_fn = problem.X, problem.y, problem.loss_fn
+
+    def __call__(self) -> None:
+        for p in self.module.parameters():
+            p.grad = None
+        self.loss_fn(self.module(self.X), self.y).backward()
+
+
+def _time(fn, n: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def _ratio(fn, raw: RawGrad, repeats: int, per: float = 1.0, inner: int = 1) -> tuple[float, float, float]:
+    """Median of fn's time ÷ (per × median raw grad time), alternating; plus the per-repeat spread."""
+    fn()
+    raw()
+    a, b = [], []
+    for _ in range(repeats):
+        b.append(_time(raw, inner))
+        a.append(_time(fn))
+        b.append(_time(raw, inner))
+    rb = statistics.median(b)
+    per_rep = [a[i] / (per * (b[2 * i] + b[2 * i + 1]) / 2) for i in range(repeats)]
+    return statistics.median(a) / (per * rb), min(per_rep), max(per_rep)
+
+
+def bench_gf(repeats: int) -> list[tuple[str, float, float, float]]:
+    built = _mlp_problem()
+    problem = built.problem
+    raw = RawGrad(problem)
+    flow = make_flow("gradient_flow")
+    hp = Hyper(lr=0.1)
+    horizon, intervals = 4.0, 20
+    rows = []
+    t_raw = statistics.median(_time(raw) for _ in range(10))
+    print(f"raw grad (MLP 64-128-128-10, digits 1797, float32): {t_raw * 1e3:.2f} ms")
+    for name, kw in (("torchdiffeq:dopri5", {"rtol": 1e-5, "atol": 1e-7}), ("flowlab:rk4", {"dt": 0.05}),
+                     ("torchdiffeq:rk4", {"dt": 0.05})):
+        integ = make_integrator(name, **kw)
+        info = {}
+
+        def integrate(integ=integ, info=info):
+            ops = TorchOps(problem)
+            session = integ.start(flow, ops, hp, 0.0, (problem.theta0.clone(),))
+            for i in range(1, intervals + 1):
+                session.advance(horizon * i / intervals)
+            info["nfe"] = session.nfe
+
+        integrate()
+        nfe = info["nfe"]
+        r, lo, hi = _ratio(integrate, raw, repeats, per=nfe, inner=nfe)
+        rows.append((f"GF {name} ({nfe} nfe): wall ÷ (nfe × raw grad)", r, lo, hi))
+    return rows
+
+
+def bench_hvp(repeats: int) -> list[tuple[str, float, float, float]]:
+    rows = []
+    for label, problem in (("narrow VGG-16, batch 256", _vgg_problem()), ("MLP 64-128-128-10, digits", _mlp_problem().problem)):
+        raw = RawGrad(problem)
+        th = problem.theta0.clone()
+        v = torch.randn(problem.dim, generator=torch.Generator().manual_seed(1)).to(th.dtype)
+        batch = problem.batch()
+        rows.append((f"{label}: HVP double backward", *_ratio(lambda: problem._hvp_double(th, v, batch), raw, repeats)))
+        rows.append((f"{label}: HVP forward-over-reverse", *_ratio(lambda: problem._hvp_fwdrev(th, v, batch), raw, repeats)))
+        state = {}
+
+        def grad_graph():
+            state["g"] = problem.grad_graph(th, batch)[2]
+
+        grad_graph()
+        rows.append((f"{label}: gradient with graph kept", *_ratio(grad_graph, raw, repeats)))
+        rows.append((f"{label}: HVP at the θ of a kept gradient", *_ratio(lambda: state["g"].hvp(v), raw, repeats)))
+        ops = TorchOps(problem)
+        flow = make_flow("modified_loss")
+        hp = Hyper(lr=0.1)
+        flow.vector_field(0.0, (th,), ops, hp)
+        flow.vector_field(0.0, (th,), ops, hp)  # graph reuse is on from the second call
+        rows.append((f"{label}: IGR field G + (η/2)HG (graph reuse)",
+                     *_ratio(lambda: flow.vector_field(0.0, (th,), ops, hp), raw, repeats)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flowlab.bench flows", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("gf", "hvp", "all"), default="all")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    if args.part in ("gf", "all"):
+        rows += bench_gf(args.repeats)
+    if args.part in ("hvp", "all"):
+        rows += bench_hvp(args.repeats)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measurement':<{width}}  ratio   (spread over {args.repeats} repeats)")
+    for name, r, lo, hi in rows:
+        print(f"{name:<{width}}  {r:5.2f}   ({lo:.2f}..{hi:.2f})")
+    return 0

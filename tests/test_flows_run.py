@@ -1,0 +1,214 @@
+"""Flows in a study run: lock step with SGD, full-batch L_λ, bad input, blow-ups, schedules, user
+flows, and gradient-flow accuracy through conservation laws."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_study
+from scipy.linalg import expm
+
+import flowlab
+from flowlab.cli import main as cli_main
+from flowlab.errors import ConfigError
+from flowlab.flows import Hyper, TorchOps, make_flow, make_integrator
+
+
+def _run(tmp_path, raw, name="out"):
+    return flowlab.run(flowlab.parse_study(raw), tmp_path / name).load()
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="gradient_flow.*momentum_modified"):
+        make_flow("gradiant_flow")
+    with pytest.raises(ConfigError, match="did you mean 'gradient_flow'"):
+        make_flow("gradiant_flow")
+    with pytest.raises(ConfigError, match="torchdiffeq:dopri5.*flowlab:rk4|flowlab:rk4.*torchdiffeq:dopri5"):
+        make_integrator("torchdiffeq:dopri7")
+    with pytest.raises(ConfigError, match="unknown option; allowed: hvp, fd_step"):
+        make_flow("modified_loss", {"hvpp": "exact"})
+    with pytest.raises(ConfigError, match="fixed-step.*dt"):
+        make_integrator("torchdiffeq:rk4")
+    raw = small_study(flows=[{"name": "no_such_flow"}])
+    with pytest.raises(ConfigError, match="flows\\[0\\].name"):
+        _run(tmp_path, raw)
+
+
+def test_cli_lists_flows_and_integrators(capsys):
+    assert cli_main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "flows:" in out and "modified_second_order" in out
+    assert "integrators:" in out and "torchdiffeq:dopri5" in out and "flowlab:rk4" in out
+
+
+def test_flows_beside_minibatch_sgd_integrate_the_full_batch_loss(tmp_path):
+    flows = [{"name": "gradient_flow", "rtol": 1e-9, "atol": 1e-11},
+             {"name": "modified_loss", "integrator": "flowlab:rk4", "dt": 0.05}]
+    raw = small_study(optimizer={"lr": 0.1, "steps": 12, "batch_size": 32, "weight_decay": 1e-3},
+                      record={"every": 3, "snapshot_every": 3, "projections": 4, "full_loss": True}, flows=flows)
+    ds = _run(tmp_path, raw)
+    assert list(ds.method.values) == ["sgd", "gradient_flow@torchdiffeq:dopri5", "modified_loss@flowlab:rk4"]
+    assert list(ds.status.values) == ["ok", "ok", "ok"]
+    # the same flows integrated alone over the full-batch L_λ give the same θ at the recording times
+    study = flowlab.parse_study(raw)
+    problem = flowlab.build(study).problem
+    hp = Hyper(lr=0.1, weight_decay=1e-3)
+    for i, (name, integ) in enumerate([("gradient_flow", make_integrator("torchdiffeq:dopri5", rtol=1e-9, atol=1e-11)),
+                                       ("modified_loss", make_integrator("flowlab:rk4", dt=0.05))], start=1):
+        ops = TorchOps(problem)
+        flow = make_flow(name)
+        session = integ.start(flow, ops, hp, 0.0, flow.initial_state(problem.theta0.clone(), ops, hp))
+        for j, t in enumerate(ds.snapshot.values):
+            th = session.advance(float(t))[0]
+            np.testing.assert_allclose(ds.theta.isel(method=i, snapshot=j).values, th.numpy(), rtol=1e-12, atol=1e-13)
+            full = float(problem.full_loss(th))
+            assert ds.loss.isel(method=i).sel(time=t).item() == pytest.approx(full, rel=1e-12)
+            assert ds.full_loss.isel(method=i).sel(time=t).item() == pytest.approx(full, rel=1e-12)
+    # bookkeeping: nfe grows, rk4 takes ⌈0.3/0.05⌉ = 6 steps of 4 evaluations per interval
+    nfe = ds.nfe.values
+    assert np.all(np.diff(nfe[1]) > 0)
+    np.testing.assert_array_equal(nfe[2], 24 * np.arange(len(ds.time)))
+    np.testing.assert_array_equal(nfe[0], ds.step.values + 1)
+    assert int(ds.n_grad_evals.values[2]) >= nfe[2, -1]  # the field's gradients (+ HVPs counted apart)
+    assert np.all(ds.wall_seconds.values > 0)
+
+
+def test_a_flow_that_blows_up_is_stopped_and_the_others_go_on(tmp_path, monkeypatch):
+    pkg = tmp_path / "userflows"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        from flowlab.flows import Flow
+
+        class Explode(Flow):
+            """θ' = c θ³ blows up in finite time t* = 1/(2c|θ0|²) (per coordinate)."""
+            name = "explode"
+            def __init__(self, c=1.0):
+                self.c = c
+            def vector_field(self, t, state, ops, hp):
+                th = state[0]
+                return (self.c * th * th * th,)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {
+        "study": {"name": "boom", "dtype": "float64", "device": "cpu"},
+        "model": {"name": "quadratic", "theta0": [1.0, 0.5]},
+        "data": {"name": "points"},
+        "optimizer": {"lr": 0.1, "steps": 10},
+        "record": {"every": 1, "projections": 2},
+        "flows": [
+            {"name": "userflows:Explode", "label": "explode_dopri5", "c": 1.0, "integrator_options": {"max_steps": 2000}},
+            {"name": "userflows:Explode", "label": "explode_rk4", "c": 1.0, "integrator": "flowlab:rk4", "dt": 0.1},
+            {"name": "gradient_flow", "rtol": 1e-9},
+        ],
+    }
+    ds = _run(tmp_path, raw)
+    status = dict(zip(ds.method.values, ds.status.values))
+    assert status["sgd"] == "ok" and status["gradient_flow@torchdiffeq:dopri5"] == "ok"
+    for label in ("explode_dopri5", "explode_rk4"):
+        assert status[label].startswith(("blew up", "stopped")), status[label]
+        i = list(ds.method.values).index(label)
+        d = ds.distance.isel(method=i).values
+        # t* = 0.5 for θ0 = 1: rows before t* are kept; from the stop on they are NaN
+        stop = int(np.argmax(np.isnan(d)))
+        assert stop > 0 and np.all(np.isfinite(d[:stop])) and np.all(np.isnan(d[stop:]))
+        assert 0.5 - 1e-9 <= ds.time.values[stop] <= 0.7 + 1e-9, (label, ds.time.values[stop])
+    assert np.all(np.isfinite(ds.distance.isel(method=3).values))
+
+
+def test_momentum_flows_refuse_nesterov(tmp_path):
+    raw = small_study(optimizer={"lr": 0.1, "steps": 2, "momentum": 0.5, "nesterov": True},
+                      flows=[{"name": "momentum_second_order"}])
+    with pytest.raises(ConfigError, match="heavy ball"):
+        _run(tmp_path, raw)
+
+
+def test_a_schedule_restarts_the_flow_with_the_new_lr(tmp_path):
+    """IGR depends on η: with a step schedule, θ follows the piecewise closed form."""
+    A = np.array([[2.5, -1.5], [-1.5, 2.5]])
+    theta0 = np.array([1.0, 0.25])
+    raw = {
+        "study": {"name": "sched", "dtype": "float64", "device": "cpu"},
+        "model": {"name": "quadratic", "A": A.tolist(), "theta0": theta0.tolist()},
+        "data": {"name": "points"},
+        "optimizer": {"lr": 0.1, "steps": 10, "schedule": {"name": "step", "step_size": 4, "gamma": 0.5}},
+        "record": {"every": 3, "snapshot_every": 1, "projections": 2},
+        "flows": [{"name": "modified_loss", "rtol": 1e-11, "atol": 1e-13}],
+    }
+    ds = _run(tmp_path, raw)
+    lrs = [0.1] * 4 + [0.05] * 4 + [0.025] * 2
+    times = np.concatenate([[0.0], np.cumsum(lrs)])
+
+    def exact(t):
+        th, s = theta0.copy(), 0.0
+        for k, eta in enumerate(lrs):
+            end = min(times[k + 1], t)
+            if end > s:
+                th = expm(-(end - s) * (A + eta / 2 * A @ A)) @ th
+                s = end
+        return th
+
+    for j, t in enumerate(ds.snapshot.values):
+        np.testing.assert_allclose(ds.theta.isel(method=1, snapshot=j).values, exact(t), atol=1e-9)
+
+
+def _conserved(W1, b1, W2):
+    """Rescale (per hidden neuron: |incoming|² − |outgoing|²) and translation (column sums of the
+    softmax layer) quantities of a one-hidden-layer net."""
+    rescale = (W1**2).sum(1) + b1**2 - (W2**2).sum(0)
+    translation = W2.sum(0)
+    return rescale, translation
+
+
+@pytest.mark.parametrize("activation", ["identity", "tanh"])
+def test_gradient_flow_conserves_the_symmetry_quantities(tmp_path, activation):
+    """GF at rtol 1e-10 (float64, λ = 0): every rescale (deep linear) / translation (softmax layer)
+    quantity drifts ≤ 1e-8 relative.  (ReLU-type nets: see the integrators' note on kinks.)"""
+    flows = [{"name": "gradient_flow", "rtol": 1e-10, "atol": 1e-12}]
+    raw = small_study(model={"name": "mlp", "widths": [6], "activation": activation},
+                      data={"name": "digits", "n": 64},
+                      optimizer={"lr": 0.2, "steps": 20, "batch_size": "full"},
+                      record={"every": 5, "snapshot_every": 5, "projections": 2}, flows=flows)
+    ds = _run(tmp_path, raw)
+    assert ds.status.values[1] == "ok"
+    layout = flowlab.ParamLayout.from_dict(__import__("json").loads(ds.attrs["param_layout"]))
+    thetas = ds.theta.isel(method=1).values
+
+    def parts(th):
+        d = {e.name: th[e.slice].reshape(e.shape) for e in layout.entries}
+        return d["1.weight"], d["1.bias"], d["3.weight"]
+
+    r0, t0 = _conserved(*parts(thetas[0]))
+    scale = max(np.abs(r0).max(), 1.0)
+    for th in thetas[1:]:
+        r, tr = _conserved(*parts(th))
+        if activation == "identity":  # rescale symmetry needs a positively homogeneous activation
+            assert np.abs(r - r0).max() <= 1e-8 * scale
+        assert np.abs(tr - t0).max() <= 1e-8 * max(np.abs(t0).max(), 1.0)
+    # and the parameters did move (the check is not vacuous)
+    assert np.abs(thetas[-1] - thetas[0]).max() > 1e-2
+
+
+def test_quickstart_study_parses_with_its_flows():
+    study = flowlab.load_study("studies/quickstart.toml")
+    names = [f.name for f in study.flows]
+    assert "gradient_flow" in names and "modified_loss" in names and any(n.startswith("momentum") for n in names)
+    for f in study.flows:
+        make_flow(f.name, {k: v for k, v in f.options.items() if k != "integrator_options"})
+        make_integrator(f.integrator, f.rtol, f.atol, f.dt, f.options.get("integrator_options", {}))
+
+
+def test_user_flow_class_in_memory():
+    """A user flow only needs the interface (vector_field etc.): torch tensors in, tuples out."""
+    flow = make_flow("flowlab.flows.library:GradientFlow")
+    assert flow.order == 1 and flow.state_size == 1
+    th = torch.ones(2, dtype=torch.float64)
+
+    class Ops:
+        def loss_and_grad(self, theta):
+            return 0.5 * (theta @ theta), theta.clone()
+
+    (d,) = flow.vector_field(0.0, (th,), Ops(), Hyper(lr=0.1, weight_decay=0.5))
+    torch.testing.assert_close(d, -1.5 * th)
