@@ -133,9 +133,14 @@ def test_momentum_recursions(tmp_path):
     assert (s_err / scale[t]).max() <= TOL and (u_err / scale[t]).max() <= TOL
 
 
-def test_symmetry_disabled(tmp_path):
-    ds = _run(tmp_path, "off", steps=3, symmetry={"enabled": False})
-    assert "quantity" not in ds and "group" not in ds.dims
+def test_symmetry_disabled_and_recording_does_not_perturb_the_run(tmp_path):
+    """Detection traces the model (dropout, BatchNorm) with the RNG and running statistics restored:
+    the trajectory is bit-for-bit the same with and without the recorder."""
+    off = _run(tmp_path, "off", steps=4, symmetry={"enabled": False})
+    on = _run(tmp_path, "on", steps=4)
+    assert "quantity" not in off and "group" not in off.dims and "quantity" in on
+    np.testing.assert_array_equal(off.theta.values, on.theta.values)
+    np.testing.assert_array_equal(off.loss.values, on.loss.values)
 
 
 def test_config_errors():
