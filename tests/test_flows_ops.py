@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_study
 
 import flowlab
 from flowlab.flows import TorchOps
-
-from conftest import small_study
 
 EPS = 1e-4
 TOL = 1e-6  # relative: ≫ ε² · |third derivative| / |H v| for these small nets, ≪ any real mistake

@@ -14,8 +14,10 @@ whose gradient was just computed with its graph kept (``TorchOps`` graph reuse),
 whole field G + HG ÷ grad.  Target for a stand-alone HVP: ≤ 2.0.
 
 Timing: repeats alternate the raw gradient and the measured operation; each ratio is a ratio of
-medians.  The machine may be shared: use ``--repeats`` ≥ 5 and read the spread (min..max of the
-per-repeat ratios) printed beside each ratio.
+medians, with the spread (min..max of the per-repeat ratios) beside it.  ``--clock cpu`` (default)
+times with the process's CPU time, which on a shared machine measures the work done rather than
+the waiting for a core (single-threaded, it equals wall time on an idle machine); ``--clock wall``
+uses ``time.perf_counter``.
 """
 
 from __future__ import annotations
@@ -71,11 +73,15 @@ class RawGrad:
         self.loss_fn(self.module(self.X), self.y).backward()
 
 
+CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = time.process_time
+
+
 def _time(fn, n: int = 1) -> float:
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t0) / n
+    return (_clock() - t0) / n
 
 
 def _ratio(fn, raw: RawGrad, repeats: int, per: float = 1.0, inner: int = 1) -> tuple[float, float, float]:
@@ -121,31 +127,34 @@ def bench_gf(repeats: int) -> list[tuple[str, float, float, float]]:
     return rows
 
 
-def bench_hvp(repeats: int) -> list[tuple[str, float, float, float]]:
-    rows = []
-    for label, problem in (("narrow VGG-16, batch 256", _vgg_problem()), ("MLP 64-128-128-10, digits", _mlp_problem().problem)):
-        raw = RawGrad(problem)
-        th = problem.theta0.clone()
-        v = torch.randn(problem.dim, generator=torch.Generator().manual_seed(1)).to(th.dtype)
-        batch = problem.batch()
-        rows.append((f"{label}: HVP double backward", *_ratio(lambda: problem._hvp_double(th, v, batch), raw, repeats)))
-        rows.append((f"{label}: HVP forward-over-reverse", *_ratio(lambda: problem._hvp_fwdrev(th, v, batch), raw, repeats)))
-        state = {}
+def _hvp_rows(label: str, problem: flowlab.Problem, repeats: int) -> list[tuple[str, float, float, float]]:
+    raw = RawGrad(problem)
+    th = problem.theta0.clone()
+    v = torch.randn(problem.dim, generator=torch.Generator().manual_seed(1)).to(th.dtype)
+    batch = problem.batch()
+    rows = [(f"{label}: HVP double backward", *_ratio(lambda: problem._hvp_double(th, v, batch), raw, repeats)),
+            (f"{label}: HVP forward-over-reverse", *_ratio(lambda: problem._hvp_fwdrev(th, v, batch), raw, repeats))]
+    state = {}
 
-        def grad_graph():
-            state["g"] = problem.grad_graph(th, batch)[2]
+    def grad_graph():
+        state["g"] = problem.grad_graph(th, batch)[2]
 
-        grad_graph()
-        rows.append((f"{label}: gradient with graph kept", *_ratio(grad_graph, raw, repeats)))
-        rows.append((f"{label}: HVP at the θ of a kept gradient", *_ratio(lambda: state["g"].hvp(v), raw, repeats)))
-        ops = TorchOps(problem)
-        flow = make_flow("modified_loss")
-        hp = Hyper(lr=0.1)
-        flow.vector_field(0.0, (th,), ops, hp)
-        flow.vector_field(0.0, (th,), ops, hp)  # graph reuse is on from the second call
-        rows.append((f"{label}: IGR field G + (η/2)HG (graph reuse)",
-                     *_ratio(lambda: flow.vector_field(0.0, (th,), ops, hp), raw, repeats)))
+    grad_graph()
+    rows.append((f"{label}: gradient with graph kept", *_ratio(grad_graph, raw, repeats)))
+    rows.append((f"{label}: HVP at the θ of a kept gradient", *_ratio(lambda: state["g"].hvp(v), raw, repeats)))
+    ops = TorchOps(problem)
+    flow = make_flow("modified_loss")
+    hp = Hyper(lr=0.1)
+    flow.vector_field(0.0, (th,), ops, hp)
+    flow.vector_field(0.0, (th,), ops, hp)  # graph reuse is on from the second call
+    rows.append((f"{label}: IGR field G + (η/2)HG (graph reuse)",
+                 *_ratio(lambda: flow.vector_field(0.0, (th,), ops, hp), raw, repeats)))
     return rows
+
+
+def bench_hvp(repeats: int) -> list[tuple[str, float, float, float]]:
+    return (_hvp_rows("narrow VGG-16, batch 256", _vgg_problem(), repeats)
+            + _hvp_rows("MLP 64-128-128-10, digits", _mlp_problem().problem, repeats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,15 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=("gf", "hvp", "all"), default="all")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global _clock
+    _clock = CLOCK[args.clock]
+    print(f"clock: {args.clock}, threads: {args.threads}, torch {torch.__version__}")
     rows = []
     if args.part in ("gf", "all"):
         rows += bench_gf(args.repeats)
     if args.part in ("hvp", "all"):
         rows += bench_hvp(args.repeats)
     width = max(len(r[0]) for r in rows)
-    print(f"{'measurement':<{width}}  ratio   (spread over {args.repeats} repeats)")
+    print(f"{'measurement':<{width}}  ratio   (spread over {args.repeats} repeats, {args.clock} clock)")
     for name, r, lo, hi in rows:
         print(f"{name:<{width}}  {r:5.2f}   ({lo:.2f}..{hi:.2f})")
     return 0

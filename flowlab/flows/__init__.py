@@ -12,13 +12,13 @@ from __future__ import annotations
 from .. import register_registry
 from ..recording import register_recorders
 from ..runner import set_follower_factory
-from .base import Flow, FlowStopped, Hyper, Integrator, Ops, grad_l, hvp_l, loss_grad_l
-from .registry import FLOWS, INTEGRATORS, make_flow, make_integrator
-from . import library as _library  # noqa: F401,E402  (registers the flows)
 from . import integrators as _integrators  # noqa: F401,E402  (registers the integrators)
-from .follower import FlowFollower, build_followers, flow_recorders  # noqa: E402
-from .torch_ops import TorchOps  # noqa: E402
+from . import library as _library  # noqa: F401,E402  (registers the flows)
 from . import orders as _orders  # noqa: F401,E402  (registers `flowlab orders`)
+from .base import Flow, FlowStopped, Hyper, Integrator, Ops, grad_l, hvp_l, loss_grad_l
+from .follower import FlowFollower, build_followers, flow_recorders  # noqa: E402
+from .registry import FLOWS, INTEGRATORS, make_flow, make_integrator
+from .torch_ops import TorchOps  # noqa: E402
 
 register_registry("flows", FLOWS)
 register_registry("integrators", INTEGRATORS)

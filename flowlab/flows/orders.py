@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -189,7 +188,7 @@ def _slope(lrs: np.ndarray, errs: np.ndarray) -> float:
 
 def _dataset(study: Study, rows: list[dict], labels: list[str], lrs: list[float], horizon: float, skip: float,
              safety: float, tolerance: float) -> xr.Dataset:
-    F, N = len(labels), len(lrs)
+    F = len(labels)
     idx = {(r["flow"], r["lr"]): r for r in rows}
 
     def grid(key: str, dtype=np.float64) -> np.ndarray:
