@@ -4,6 +4,7 @@
 [theory]
 enabled = true                 # predict every group's quantity for the discrete run (needs [symmetry])
 variants = ["paper", "exact_discrete"]   # default: all that apply (SGD or momentum set)
+flow_laws = true               # integrate each flow's own law alongside it (flow_law variable)
 ```
 """
 
@@ -18,7 +19,7 @@ from flowlab.errors import ConfigError, did_you_mean
 
 from .predict import MOMENTUM_VARIANTS, SGD_VARIANTS
 
-KEYS = ("enabled", "variants")
+KEYS = ("enabled", "variants", "flow_laws")
 ALL_VARIANTS = tuple(dict.fromkeys(SGD_VARIANTS + MOMENTUM_VARIANTS))
 
 
@@ -26,9 +27,10 @@ ALL_VARIANTS = tuple(dict.fromkeys(SGD_VARIANTS + MOMENTUM_VARIANTS))
 class TheorySection:
     enabled: bool = True
     variants: tuple[str, ...] = ()
+    flow_laws: bool = True
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = {"enabled": self.enabled}
+        d: dict[str, Any] = {"enabled": self.enabled, "flow_laws": self.flow_laws}
         if self.variants:
             d["variants"] = list(self.variants)
         return d
@@ -50,7 +52,10 @@ def parse_theory(raw: Any) -> TheorySection:
     for v in variants:
         if v not in ALL_VARIANTS:
             raise ConfigError("theory.variants", v, f"allowed: {', '.join(ALL_VARIANTS)}", did_you_mean(v, ALL_VARIANTS))
-    return TheorySection(enabled, tuple(variants))
+    flow_laws = raw.get("flow_laws", True)
+    if not isinstance(flow_laws, bool):
+        raise ConfigError("theory.flow_laws", flow_laws, "expected true or false")
+    return TheorySection(enabled, tuple(variants), flow_laws)
 
 
 register_section("theory", parse_theory)

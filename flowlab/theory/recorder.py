@@ -1,4 +1,4 @@
-"""Recording the theory's predictions for the discrete run beside its measured quantities.
+"""Recording the theory's predictions beside the measured quantities.
 
 ``theory`` (variant, time, group): the predicted quantity Q_pred(t_k) of every symmetry group under
 each variant of :mod:`flowlab.theory.predict` (coordinate ``variant``), at the same rows as
@@ -6,6 +6,10 @@ each variant of :mod:`flowlab.theory.predict` (coordinate ``variant``), at the s
 symmetry recorder, ``ctx.extras["symmetry"]``, so nothing is computed twice) and, with momentum, by
 the buffer's V_{k+1} = |v_{A,k+1}|² (rescale: A1 − A2).  Updates between two rows are buffered on the
 device and applied in one go (runs of equal η by matrix powers).
+
+``flow_law`` (method, time, group): for each integrated flow with a law
+(:mod:`flowlab.theory.flowlaws`), the quantity that law predicts along the flow's own trajectory,
+integrated with the flow (NaN for ``sgd`` and flows without a law).
 """
 
 from __future__ import annotations
@@ -19,10 +23,29 @@ from .predict import Predictor, variants_for
 
 
 class TheoryRecorder(Recorder):
-    def __init__(self, symmetry, variants: tuple[str, ...] = (), capacity: int = 1024):
+    def __init__(self, symmetry, variants: tuple[str, ...] = (), capacity: int = 1024, followers=(),
+                 flow_laws: bool = True):
         self.sym = symmetry
         self.requested = variants
         self.capacity = capacity
+        self.followers = list(followers)
+        self.lawful: dict[int, object] = {}
+        if flow_laws and self.followers:
+            self._wrap_flows()
+
+    def _wrap_flows(self) -> None:
+        """Append each built-in flow's law to its ODE state (before any integration starts)."""
+        from .flowlaws import LawFlow, QuadForms, law_for
+
+        forms = QuadForms(self.sym.groups)
+        for i, f in enumerate(self.followers, start=1):
+            name = getattr(f, "spec", None) and f.spec.name
+            if name is None or law_for(name, f.hp0) is None or getattr(f, "session", None) is not None:
+                continue
+            q0 = self.sym.projector.quantities(f.problem.theta0).cpu()
+            f.flow = LawFlow(f.flow, name, forms, q0, f.hp0)
+            f._state0 = None
+            self.lawful[i] = f
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         opt = ctx.study.optimizer
@@ -37,8 +60,13 @@ class TheoryRecorder(Recorder):
             notes["exact_discrete"] = "NaN: Nesterov momentum has no closed two-scalar recursion"
         if opt.momentum > 0 and opt.dampening > 0:
             notes["oscillator"] = "assumes dampening 0 (the official code's model)"
-        return [Variable("theory", ("variant", "time", "group"), shape=(len(self.variants), G),
-                         coords={"variant": np.array(self.variants, dtype=object)}, attrs=notes)]
+        out = [Variable("theory", ("variant", "time", "group"), shape=(len(self.variants), G),
+                        coords={"variant": np.array(self.variants, dtype=object)}, attrs=notes)]
+        if self.lawful:
+            out.append(Variable("flow_law", ("method", "time", "group"), shape=(G,), attrs={
+                "long_name": "quantity predicted by each flow's own law along its trajectory (flowlab.theory.flowlaws)",
+                "flows": ", ".join(f.label for f in self.lawful.values())}))
+        return out
 
     def start(self, ctx: RunContext) -> None:
         opt = ctx.study.optimizer
@@ -70,6 +98,9 @@ class TheoryRecorder(Recorder):
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.index != 0:
+            f = self.lawful.get(point.index)
+            if f is not None:
+                rows.put("flow_law", point.index, f.flow.predicted(f.state))
             return
         self._drain()
         rows.put("theory", None, self.predictor.predict())
@@ -80,7 +111,8 @@ def theory_recorders(ctx: RunContext) -> list[Recorder]:
     symmetry = ctx.extras.get("symmetry")
     if not section.enabled or symmetry is None:
         return []
-    rec = TheoryRecorder(symmetry, section.variants)
+    rec = TheoryRecorder(symmetry, section.variants, followers=ctx.extras.get("followers", ()),
+                         flow_laws=section.flow_laws)
     ctx.extras["theory"] = rec
     return [rec]
 

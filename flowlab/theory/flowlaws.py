@@ -1,0 +1,233 @@
+"""The law each continuous model's symmetry quantities obey along its OWN trajectory [derived].
+
+Projecting a flow's vector field on a group's generator with the gradient and Hessian constraints
+(THEORY.md) closes the dynamics of Q on a few per-group scalars.  With g = ∇L (no weight decay),
+G_A = |g_A|² (rescale |g_A1|² − |g_A2|²), λ the weight decay, η the learning rate, β the momentum:
+
+| flow | law for scale / rescale Q (translation: same rate/2 and no forcing) |
+|---|---|
+| ``gradient_flow`` | Q' = −2λQ |
+| ``momentum_first_order`` | Q' = −2λQ/(1−β) |
+| ``modified_loss`` (IGR) | Q' = −2λ̂Q + η G_A,  λ̂ = λ(1 + ηλ/2)  (the ``paper_hat`` law, full-batch g) |
+| ``momentum_modified`` | Q' = −2λ̃Q + η(1+β)/(1−β)³ G_A,  λ̃ = λ(1 + 2cλ)/(1−β), c = η(1+β)/(4(1−β)²) |
+| ``modified_second_order`` | Q' = −2λ(1 + ηλ/2 + η²λ²/3)Q + η G_A + η²(⟨g_A, H∇L_λ⟩ + λG_A) |
+| ``modified_temporal``, ``momentum_second_order`` | x'' + 2γx' + ω²x = 2|θ'_A|², γ = (1−β)/(η(1+β)), ω² = 4λ/(η(1+β)); translation ω_tr² = 2λ/(η(1+β)), no forcing; x(0) = Q(0), x'(0) from θ'(0) |
+
+(⟨g_A, ·⟩ for rescale is the A1 part minus the A2 part; the third-derivative term of
+``modified_second_order`` uses ∇³L[θ_A, v, v] = −2⟨v_A, Hv⟩, from differentiating Hθ_A = −g_A.)
+
+Every law is integrated *alongside* the flow: :class:`LawFlow` wraps a flow and appends the law's
+own state (Q_law, or (x, x') for the oscillators) to its ODE state, so the check is exact to the
+solver's tolerance, not limited by the recording interval; coefficients follow η(t) under a schedule.  The gradient (and, for the second-order modified equation, the
+first HVP) the flow computes anyway is reused, not recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flowlab.flows.base import Flow, Hyper
+
+CLOSED, FORCED, OSCILLATOR = "closed", "forced", "oscillator"
+
+
+@dataclass(frozen=True)
+class Law:
+    kind: str  # closed | forced | oscillator
+    rate: float = 0.0  # decay rate of scale/rescale Q (translation: rate / 2); forced and closed laws
+    gain: float = 0.0  # forcing η·G_A coefficient (forced)
+    hvp_gain: float = 0.0  # forcing coefficient of ⟨g_A, H∇L_λ⟩ (modified_second_order)
+    gamma: float = 0.0  # oscillator damping
+    omega2: float = 0.0  # oscillator ω² (scale/rescale); translation uses omega2 / 2
+
+
+def law_for(name: str, hp: Hyper) -> Law | None:
+    """The law of a built-in flow (None for a flow without one)."""
+    lam, eta, beta = hp.weight_decay, hp.lr, hp.momentum
+    if name == "gradient_flow":
+        return Law(CLOSED, rate=2 * lam)
+    if name == "momentum_first_order":
+        return Law(CLOSED, rate=2 * lam / (1 - beta))
+    if name == "modified_loss":
+        return Law(FORCED, rate=2 * lam * (1 + eta * lam / 2), gain=eta)
+    if name == "momentum_modified":
+        c = eta * (1 + beta) / (4 * (1 - beta) ** 2)
+        return Law(FORCED, rate=2 * lam * (1 + 2 * c * lam) / (1 - beta), gain=eta * (1 + beta) / (1 - beta) ** 3)
+    if name == "modified_second_order":
+        return Law(FORCED, rate=2 * lam * (1 + eta * lam / 2 + eta * eta * lam * lam / 3),
+                   gain=eta + eta * eta * lam, hvp_gain=eta * eta)
+    if name in ("modified_temporal", "momentum_second_order"):
+        b = beta if name == "momentum_second_order" else 0.0
+        return Law(OSCILLATOR, gamma=(1 - b) / (eta * (1 + b)), omega2=4 * lam / (eta * (1 + b)))
+    return None
+
+
+class QuadForms:
+    """Per-group Σ_A1 x⊙y − Σ_A2 x⊙y (``quad``) and ⟨x_A, 1⟩ (``lin``) as segment sums that work on
+    torch tensors and on JAX arrays (inside jit) alike."""
+
+    def __init__(self, groups):
+        self.G = len(groups)
+        rows, cols, vals = [], [], []
+        for part in ("quad", "lin"):
+            c = groups.csr(part)
+            counts = (c.crow[1:] - c.crow[:-1]).to(torch.int64)
+            rows.append(torch.repeat_interleave(torch.arange(self.G), counts))
+            cols.append(c.col.to(torch.int64))
+            vals.append(c.val.to(torch.float64))
+        self.parts = {"quad": (rows[0], cols[0], vals[0]), "lin": (rows[1], cols[1], vals[1])}
+        self.is_translation = torch.as_tensor(groups.kinds == "translation")
+        self._cache: dict = {}
+
+    def _part(self, name: str, like: Any):
+        key = (name, type(like).__name__, str(getattr(like, "device", "")), str(like.dtype))
+        if key not in self._cache:
+            r, c, v = self.parts[name]
+            if isinstance(like, torch.Tensor):
+                self._cache[key] = (r.to(like.device), c.to(like.device), v.to(like.device, like.dtype))
+            else:
+                import jax.numpy as jnp
+                import numpy as np
+
+                self._cache[key] = (jnp.asarray(r.numpy()), jnp.asarray(c.numpy()),
+                                    jnp.asarray(v.numpy().astype(np.dtype(like.dtype))))
+        return self._cache[key]
+
+    def _segment(self, name: str, x: Any, y: Any | None) -> Any:
+        r, c, v = self._part(name, x)
+        terms = v * x[c] if y is None else v * x[c] * y[c]
+        if isinstance(x, torch.Tensor):
+            return torch.zeros(self.G, dtype=x.dtype, device=x.device).index_add_(0, r, terms)
+        import jax
+
+        return jax.ops.segment_sum(terms, r, num_segments=self.G)
+
+    def quad(self, x: Any, y: Any) -> Any:
+        return self._segment("quad", x, y)
+
+    def lin(self, x: Any) -> Any:
+        return self._segment("lin", x, None)
+
+    def mask(self, like: Any) -> tuple[Any, Any]:
+        """(translation mask, rate factor: 1/2 on translation groups, 1 elsewhere) as arrays like ``like``."""
+        key = ("mask", type(like).__name__, str(getattr(like, "device", "")), str(like.dtype))
+        if key not in self._cache:
+            half = torch.where(self.is_translation, 0.5, 1.0).to(torch.float64)
+            tr = self.is_translation.to(torch.float64)
+            if isinstance(like, torch.Tensor):
+                self._cache[key] = (tr.to(like.device, like.dtype), half.to(like.device, like.dtype))
+            else:
+                import jax.numpy as jnp
+
+                self._cache[key] = (jnp.asarray(tr.numpy(), dtype=like.dtype), jnp.asarray(half.numpy(), dtype=like.dtype))
+        return self._cache[key]
+
+
+class _Remember:
+    """An ops proxy that remembers the gradient (and first HVP) the wrapped flow computed at θ."""
+
+    def __init__(self, ops: Any, theta: Any):
+        self.ops, self.theta = ops, theta
+        self.last_grad: Any = None
+        self.first_hvp: Any = None
+        self.counts = getattr(ops, "counts", {})
+
+    def loss(self, theta):
+        return self.ops.loss(theta)
+
+    def loss_and_grad(self, theta):
+        out = self.ops.loss_and_grad(theta)
+        if theta is self.theta and self.last_grad is None:
+            self.last_grad = out[1]
+        return out
+
+    def grad(self, theta):
+        return self.loss_and_grad(theta)[1]
+
+    def hvp(self, theta, v):
+        out = self.ops.hvp(theta, v)
+        if theta is self.theta and self.first_hvp is None:
+            self.first_hvp = out
+        return out
+
+    def d3(self, theta, v):
+        return self.ops.d3(theta, v)
+
+
+class LawFlow(Flow):
+    """``inner`` with its law's state appended: (*inner_state, Q_law) for first-order laws
+    (Q_law' = −rate·Q_law + forcing, Q_law(0) = Q(0)) or (*inner_state, x, x') for the oscillators
+    (x(0) = Q(0), x'(0) = Q'(0) from θ'(0)).  Translation groups decay at rate/2 without forcing
+    (oscillators: ω_tr² = ω²/2)."""
+
+    def __init__(self, inner: Flow, flow_name: str, forms: QuadForms, q0: torch.Tensor, hp0: Hyper):
+        self.inner, self.flow_name, self.forms, self.q0 = inner, flow_name, forms, q0
+        self.kind = law_for(flow_name, hp0).kind  # type: ignore[union-attr]
+        self.name, self.order, self.discrete = inner.name, inner.order, getattr(inner, "discrete", "gd")
+        self.state_size = inner.state_size
+        self.needs = getattr(inner, "needs", frozenset())
+        self.n_inner = inner.state_size
+
+    def options(self) -> dict:
+        return self.inner.options()
+
+    def time_shift(self, hp: Hyper) -> float:
+        return self.inner.time_shift(hp)
+
+    def theta(self, state: tuple) -> Any:
+        return self.inner.theta(state[: self.n_inner])
+
+    def initial_state(self, theta0, ops, hp):
+        inner = tuple(self.inner.initial_state(theta0, ops, hp))
+        x0 = self.q0.to(theta0.device, theta0.dtype) if isinstance(theta0, torch.Tensor) else _like(self.q0, theta0)
+        if self.kind != OSCILLATOR:
+            return (*inner, x0)
+        u0 = inner[1]
+        tr, _ = self.forms.mask(theta0)
+        y0 = tr * self.forms.lin(u0) + (1 - tr) * 2 * self.forms.quad(theta0, u0)
+        return (*inner, x0, y0)
+
+    def vector_field(self, t, state, ops, hp):
+        inner_state = tuple(state[: self.n_inner])
+        law = law_for(self.flow_name, hp)
+        theta = inner_state[0]
+        tr, half = self.forms.mask(theta)
+        if law.kind == OSCILLATOR:  # the forcing 2|θ'_A|² comes from the state itself
+            d_inner = self.inner.vector_field(t, inner_state, ops, hp)
+            u = inner_state[1]
+            x, y = state[self.n_inner], state[self.n_inner + 1]
+            forcing = (1 - tr) * 2 * self.forms.quad(u, u)
+            return (*d_inner, y, forcing - 2 * law.gamma * y - (law.omega2 * half) * x)
+        q = state[self.n_inner]
+        if law.kind == CLOSED:
+            d_inner = self.inner.vector_field(t, inner_state, ops, hp)
+            return (*d_inner, -(law.rate * half) * q)
+        proxy = _Remember(ops, theta)
+        d_inner = self.inner.vector_field(t, inner_state, proxy, hp)
+        g = proxy.last_grad if proxy.last_grad is not None else ops.grad(theta)
+        forcing = law.gain * self.forms.quad(g, g)
+        if law.hvp_gain:
+            hv = proxy.first_hvp if proxy.first_hvp is not None else ops.hvp(theta, g + hp.weight_decay * theta)
+            forcing = forcing + law.hvp_gain * self.forms.quad(g, hv)
+        return (*d_inner, (1 - tr) * forcing - (law.rate * half) * q)
+
+    def predicted(self, state: tuple) -> torch.Tensor:
+        """Q_law (float64 torch) from a state."""
+        return _to_torch(state[self.n_inner], self.q0)
+
+
+def _like(q0: torch.Tensor, x: Any) -> Any:
+    import jax.numpy as jnp
+
+    return jnp.asarray(q0.cpu().numpy(), dtype=x.dtype)
+
+
+def _to_torch(x: Any, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(like.device, torch.float64)
+    import numpy as np
+
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=like.device)
