@@ -121,10 +121,12 @@ def _nothing() -> Iterator[None]:
 
 
 @contextmanager
-def _pure_batchnorm(module: nn.Module) -> Iterator[None]:
+def _pure_batchnorm(module: nn.Module, norms: list | None = None) -> Iterator[None]:
     """Inside, BatchNorm layers (in training mode) use batch statistics without updating their
     running statistics: evaluation is a pure function of θ (needed under torch.func transforms)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if norms is None:
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
     try:
@@ -261,6 +263,7 @@ class Problem:
         self.theta0 = flat.clone()
         self.hvp_method = hvp
         self.counts = {"grad": 0, "loss": 0, "hvp": 0, "d3": 0}
+        self._norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     # ----------------------------------------------------------------- batches
     def batch(self, index: torch.Tensor | slice | None = None) -> Batch:
@@ -282,8 +285,14 @@ class Problem:
         if theta.data_ptr() != self._theta.data_ptr():
             self._theta.copy_(theta.detach())
 
-    def _loss_on_module(self, batch: Batch) -> torch.Tensor:
-        return self.loss_fn(self.module(batch[0]), batch[1])
+    def _loss_on_module(self, batch: Batch, update_stats: bool = False) -> torch.Tensor:
+        """The loss of the module on a batch.  BatchNorm running statistics (buffers, not used by
+        training-mode losses) are updated only when ``update_stats``: by the discrete run, as in a
+        torch training loop — flows, checks and HVPs leave them alone."""
+        if update_stats or not self._norms:
+            return self.loss_fn(self.module(batch[0]), batch[1])
+        with _pure_batchnorm(self.module, self._norms):
+            return self.loss_fn(self.module(batch[0]), batch[1])
 
     def functional_loss(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Loss as a differentiable, pure function of ``theta`` (usable under torch.func)."""
@@ -300,14 +309,16 @@ class Problem:
             self._load(theta)
             return self._loss_on_module(batch).detach()
 
-    def loss_and_grad_(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, gradient) with the gradient in an internal buffer that the next call overwrites."""
+    def loss_and_grad_(self, theta: torch.Tensor, batch: Batch, update_stats: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, gradient) with the gradient in an internal buffer that the next call overwrites
+        (``update_stats``: let BatchNorm update its running statistics, as the discrete run does)."""
         self.counts["grad"] += 1
         with torch.no_grad():
             self._load(theta)
             self._grad.zero_()
         with torch.enable_grad():
-            loss = self._loss_on_module(batch)
+            loss = self._loss_on_module(batch, update_stats)
             loss.backward()
         return loss.detach(), self._grad
 

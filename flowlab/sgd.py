@@ -82,7 +82,7 @@ class DiscreteSGD:
         """Draw the next batch and evaluate the batch loss and gradient at θ_k."""
         idx = self.sampler.next()
         self.batch = self.problem.batch(idx)
-        self.loss, self.grad = self.problem.loss_and_grad_(self.theta, self.batch)
+        self.loss, self.grad = self.problem.loss_and_grad_(self.theta, self.batch, update_stats=True)
         self.n_grad_evals += 1
 
     def keep_grad(self) -> None:

@@ -110,8 +110,13 @@ def test_batchnorm_runs_in_train_mode_and_hvp_leaves_running_stats_alone():
     bn = p.module[1]
     bn.eps = 1e-14  # BN's ε is what makes scale invariance approximate; make it negligible here
     before = bn.running_mean.clone()
-    p.hvp(p.theta0, torch.ones(p.dim, dtype=torch.float64), p.batch())
-    assert torch.equal(bn.running_mean, before)
+    v = torch.ones(p.dim, dtype=torch.float64)
+    p.hvp(p.theta0, v, p.batch())
+    p.full_loss_and_grad(p.theta0)
+    p.d3(p.theta0, v, p.batch())
+    assert torch.equal(bn.running_mean, before)  # only the discrete run updates running statistics
+    p.loss_and_grad_(p.theta0, p.batch(), update_stats=True)
+    assert not torch.equal(bn.running_mean, before)
     # train mode: the loss uses batch statistics, so it does not depend on running statistics
     l1 = p.loss(p.theta0, p.batch())
     bn.running_mean.add_(10.0)
