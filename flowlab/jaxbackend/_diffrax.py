@@ -24,7 +24,6 @@ host callback, including the Jacobian-vector products of the Newton solves.
 
 from __future__ import annotations
 
-import time
 import weakref
 from typing import Any, ClassVar
 
@@ -38,7 +37,7 @@ import torch
 from jax import lax
 
 from ..flows.base import FlowStopped
-from ._runtime import to_jax
+from ._runtime import compile_seconds, to_jax
 
 # ------------------------------------------------------------------ extra tableaux
 
@@ -109,7 +108,9 @@ class Kernel:
         self.solver_name = integ.solver
         self.traces = {"init": 0, "advance": 0}
         self.compile_seconds = 0.0
-        self.counter = _Counter() if self.implicit else None
+        # run-time counting: implicit solvers (Newton iterations), or on request (tests check the formula)
+        self.runtime_count = self.implicit or bool(getattr(integ, "count_at_runtime", False))
+        self.counter = _Counter() if self.runtime_count else None
         self.tdtype = _time_dtype()
         counter = self.counter
 
@@ -123,7 +124,7 @@ class Kernel:
         self.fsal = bool(getattr(getattr(solver0, "tableau", None), "fsal", False)) and not self.implicit
         self.stages = int(getattr(getattr(solver0, "tableau", None), "num_stages", 1))
         self.error_order = solver0.error_order(self.term) if not self.fixed else None
-        self._compiled: dict[str, Any] = {}
+        self._jitted: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ parts
     def _solver(self, rtol: Any, atol: Any) -> Any:
@@ -142,7 +143,7 @@ class Kernel:
 
     def _attempt_nfe(self, solver_state: Any, made_jump: Any) -> Any:
         """Evaluations one attempted explicit step costs (formula; 0 for implicit: counted at run time)."""
-        if self.implicit:
+        if self.runtime_count:
             return jnp.zeros((), jnp.int32)
         if self.fsal:
             first = solver_state[0] | made_jump
@@ -161,7 +162,7 @@ class Kernel:
             ctrl = self._controller(rtol, atol)
             tnext, cstate = ctrl.init(self.term, t0, t0 + 1, y0, None if self.heuristic_first_step else dt0, None,
                                       solver.func, self.error_order)
-            if self.heuristic_first_step and not self.implicit:
+            if self.heuristic_first_step and not self.runtime_count:
                 nfe = nfe + 2  # the initial-step heuristic evaluates the field twice
         sstate = solver.init(self.term, t0, tnext, y0, None)
         _, _, dense, _, _ = eqx.filter_eval_shape(solver.step, self.term, t0, tnext, y0, None, sstate, False)
@@ -255,15 +256,18 @@ class Kernel:
 
     # -------------------------------------------------------------- compiled
     def call(self, which: str, *args: Any) -> Any:
-        """Run ``init`` / ``advance`` (compiled ahead of time on first use; compile time measured)."""
-        fn = self._compiled.get(which)
+        """Run ``init`` / ``advance``: jit-compiled on first use; the trace and compile time JAX
+        reports during the call is added to ``compile_seconds``.  (Plain ``jax.jit``, not
+        ``lower().compile()``: ahead-of-time executables lose the arrays a flow creates while it
+        is traced, e.g. flowlab.theory's law terms, on JAX 0.10.)"""
+        fn = self._jitted.get(which)
         if fn is None:
             target = {"init": self._init, "advance": self._advance_fixed if self.fixed else self._advance_adaptive}[which]
-            start = time.perf_counter()
-            fn = jax.jit(target).lower(*args).compile()
-            self.compile_seconds += time.perf_counter() - start
-            self._compiled[which] = fn
-        return fn(*args)
+            fn = self._jitted[which] = jax.jit(target)
+        before = compile_seconds()
+        out = fn(*args)
+        self.compile_seconds += compile_seconds() - before
+        return out
 
 
 # kernels per flow object (weak: a flow that goes away takes its kernels with it)
@@ -272,6 +276,7 @@ _KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def kernel_for(integ: Any, flow: Any, ops: Any, hp: Any, y0: tuple) -> Kernel:
     key = (id(ops), hp, integ.solver, integ.kind, integ.land, integ.max_steps, integ.first_step is None,
+           bool(getattr(integ, "count_at_runtime", False)),
            tuple(sorted((k, v) for k, v in integ.controller_options.items())), integ.linear_solver,
            integ.root_find_max_steps,
            tuple((tuple(a.shape), str(a.dtype)) for a in y0), bool(jax.config.jax_enable_x64))

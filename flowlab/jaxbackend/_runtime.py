@@ -105,3 +105,25 @@ def to_torch(a: Any, device: torch.device | str = "cpu", dtype: torch.dtype | No
     else:
         t = torch.from_numpy(np.array(a))
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+# JAX's own compile-time events: tracing to a jaxpr (reported for top-level traces only, so a
+# function traced inside another is not counted twice), lowering to MLIR, XLA compilation.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile = {"seconds": 0.0, "registered": False}
+
+
+def _on_event(event: str, duration: float, **_: Any) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile["seconds"] += float(duration)
+
+
+def compile_seconds() -> float:
+    """Seconds JAX has spent tracing, lowering and compiling in this process (since the first call)."""
+    if not _compile["registered"]:
+        from jax import monitoring
+
+        monitoring.register_event_duration_secs_listener(_on_event)
+        _compile["registered"] = True
+    return _compile["seconds"]

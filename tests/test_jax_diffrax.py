@@ -1,0 +1,381 @@
+"""diffrax integrators: closed forms, agreement with the torch integrators, one compilation per
+study, result codes, and a study run that holds both backends in one Dataset.
+
+Float64 throughout.  Bounds: fixed-step agreement 1e-12 relative (the issue's; the same tableau
+in the same order of operations differs only by round-off, ~1e-16 per step); adaptive agreement
+1e-8 on smooth models at rtol 1e-10 (both solvers are within ~rtol·(error growth) of the exact
+flow, so their gap is a small multiple of rtol).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from flowlab import losses, models, parse_study
+from flowlab.data import Data
+from flowlab.errors import FlowlabError
+from flowlab.plugins import load_plugins
+from flowlab.problem import Problem
+
+torch.set_num_threads(1)
+jax = pytest.importorskip("jax")
+pytest.importorskip("diffrax")
+load_plugins()
+from flowlab.flows import FlowStopped, Hyper, make_flow, make_integrator  # noqa: E402
+from flowlab.flows.library import BUILTIN_FLOWS  # noqa: E402
+from flowlab.flows.torch_ops import TorchOps  # noqa: E402
+
+HP = {"gd": Hyper(lr=0.1, weight_decay=1e-3), "heavy_ball": Hyper(lr=0.1, weight_decay=1e-3, momentum=0.5)}
+
+
+def hp_for(flow) -> Hyper:
+    return HP[getattr(flow, "discrete", "gd")]
+
+
+def trajectory(integ, flow, p: Problem, hp: Hyper, times):
+    """θ at each time (torch), integrated interval by interval as the follower does."""
+    ops = integ.make_ops(p)
+    with torch.no_grad():
+        s0 = tuple(flow.initial_state(p.theta0.clone(), ops, hp))
+    session = integ.start(flow, ops, hp, 0.0, s0)
+    out = []
+    for t in times:
+        session.advance(t)
+        out.append(integ.to_torch(flow.theta(session.state), p.theta0).detach().clone())
+    return torch.stack(out), session
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
+
+
+def quadratic_problem(A=((2.5, -1.5), (-1.5, 2.5)), theta0=(1.0, -0.5)) -> Problem:
+    m = models.quadratic(A=A, theta0=theta0)
+    return Problem(m, losses.identity, Data(torch.zeros(1, len(theta0)), torch.zeros(1), None), dtype=torch.float64)
+
+
+def mlp_problem(activation="tanh", widths=(6,), n=12, chunk_size=None, batchnorm=False) -> Problem:
+    torch.manual_seed(0)
+    m = models.mlp(widths=list(widths), activation=activation, batchnorm=batchnorm, input_shape=(3,), num_outputs=2)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)
+    return Problem(m.double(), losses.cross_entropy, Data(X, y, 2), dtype=torch.float64, chunk_size=chunk_size,
+                   hvp="forward_over_reverse")
+
+
+def linear_field_matrix(flow, p: Problem, hp: Hyper) -> np.ndarray:
+    """On a quadratic every flow's field is linear in the state: its matrix, probed column by
+    column through the torch ops (independent of JAX and diffrax)."""
+    ops = TorchOps(p)
+    m = p.dim * flow.state_size
+    cols = []
+    for j in range(m):
+        e = torch.zeros(m, dtype=torch.float64)
+        e[j] = 1.0
+        state = tuple(e[i * p.dim:(i + 1) * p.dim] for i in range(flow.state_size))
+        with torch.no_grad():
+            cols.append(torch.cat([c.reshape(-1) for c in flow.vector_field(0.0, state, ops, hp)]))
+    return torch.stack(cols, 1).numpy()
+
+
+# Shared problems and flow objects: kernels are compiled once per (flow object, problem, settings),
+# so tests that integrate the same flow on the same problem reuse one compilation.
+QUAD = quadratic_problem()
+MLP = mlp_problem()
+FLOWS = {name: make_flow(name) for name in BUILTIN_FLOWS}
+TIMES = [0.1, 0.2, 0.35, 0.5]
+
+
+def closed_form(flow, p: Problem, times) -> np.ndarray:
+    hp = hp_for(flow)
+    M = linear_field_matrix(flow, p, hp)
+    with torch.no_grad():
+        y0 = torch.cat([s.reshape(-1) for s in flow.initial_state(p.theta0.clone(), TorchOps(p), hp)]).numpy()
+    return np.stack([(scipy.linalg.expm(M * t) @ y0)[:p.dim] for t in times])
+
+
+# ------------------------------------------------------------------------ closed forms
+
+
+def check_closed_form(solver: str, names, rtol: float) -> None:
+    """θ(t) = [exp(Mt) y0]_θ with M the flow's (linear) field on the quadratic.  Over t ≤ 2 with
+    |M| ≤ 2/η = 20 (the temporal form) the global error of a rtol-controlled solver stays below
+    1e3·rtol (local errors ≤ rtol, a few hundred steps, no growth: M is stable)."""
+    times = [0.25 * k for k in range(1, 9)]
+    for name in names:
+        flow = FLOWS[name]
+        exact = closed_form(flow, QUAD, times)
+        got, session = trajectory(make_integrator(f"diffrax:{solver}", rtol=rtol, atol=rtol * 1e-2), flow, QUAD,
+                                  hp_for(flow), times)
+        err = np.abs(got.numpy() - exact).max() / np.abs(exact).max()
+        assert err <= 1e3 * rtol, (solver, name, err)
+        assert session.nfe > 0 and session.steps > 0
+
+
+def test_flows_on_the_quadratic_match_their_closed_forms():
+    check_closed_form("Dopri5", ["modified_temporal", "modified_second_order"], 1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver,rtol", [("Dopri5", 1e-10), ("Tsit5", 1e-10), ("Dopri8", 1e-10), ("Heun", 1e-7),
+                                         ("Bosh3", 1e-8), ("Kvaerno5", 1e-9)])
+def test_every_flow_on_the_quadratic_matches_its_closed_form(solver, rtol):
+    check_closed_form(solver, BUILTIN_FLOWS, rtol)
+
+
+def test_fixed_step_euler_is_first_order_on_the_quadratic():
+    """Euler's global error halves with dt (order 1 measured on the closed form)."""
+    flow = FLOWS["gradient_flow"]
+    exact = closed_form(flow, QUAD, [1.0])[0]
+    errs = []
+    euler = make_integrator("diffrax:Euler", dt=0.02)
+    for factor in (1, 2, 4):
+        got, s = trajectory(euler.tightened(factor), flow, QUAD, hp_for(flow), [0.5, 1.0])
+        errs.append(np.abs(got[-1].numpy() - exact).max())
+        assert s.nfe == s.steps == 50 * factor
+    slopes = np.diff(np.log(errs)) / np.diff(np.log([0.02, 0.01, 0.005]))
+    assert np.all(np.abs(slopes - 1.0) < 0.1), slopes
+
+
+# ---------------------------------------------------------------- cross-backend agreement
+
+
+def check_fixed_agreement(p: Problem, names, pairs=(("torchdiffeq:rk4", "diffrax:RK4_38"),)) -> None:
+    for torch_name, jax_name in pairs:
+        for name in names:
+            flow = FLOWS[name]
+            a, _ = trajectory(make_integrator(torch_name, dt=0.025), flow, p, hp_for(flow), TIMES)
+            b, sb = trajectory(make_integrator(jax_name, dt=0.025), flow, p, hp_for(flow), TIMES)
+            assert max_rel(b, a) <= 1e-12, (torch_name, name, max_rel(b, a))
+            assert sb.steps == 4 + 4 + 6 + 6  # ⌈Δt/dt⌉ equal steps per interval, landing on every time
+
+
+def test_same_tableau_agrees_across_backends():
+    """(a) torchdiffeq's rk4 (the 3/8 rule) and diffrax:RK4_38, from the same θ0 on a tanh MLP:
+    ≤ 1e-12 relative (first-order, HVP, third-derivative and second-order-state flows; every flow
+    on every zoo model, chunked ones included, in the slow test below)."""
+    check_fixed_agreement(MLP, ["modified_second_order", "momentum_second_order"])
+    # control: the metric sees a change of tableau (classic RK4 vs the 3/8 rule) far above the bound
+    flow = FLOWS["modified_second_order"]
+    a, _ = trajectory(make_integrator("flowlab:rk4", dt=0.025), flow, MLP, hp_for(flow), TIMES)
+    b, _ = trajectory(make_integrator("torchdiffeq:rk4", dt=0.025), flow, MLP, hp_for(flow), TIMES)
+    assert max_rel(b, a) > 1e-11
+
+
+def zoo_problem(name: str) -> Problem:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "quadratic":
+        return quadratic_problem()
+    shapes = {"linear": (4,), "deep_linear": (4,), "mlp_tanh": (4,), "mlp_relu": (4,), "mlp_bn": (4,),
+              "cnn_max_bn": (2, 6, 6), "cnn_avg": (2, 6, 6), "vgg_small_bn": (3, 4, 4), "vgg_small": (3, 4, 4),
+              "vgg16_narrow": (3, 32, 32)}
+    builders = {
+        "linear": lambda: models.linear(input_shape=(4,), num_outputs=3),
+        "deep_linear": lambda: models.deep_linear(widths=[5, 4], input_shape=(4,), num_outputs=3),
+        "mlp_tanh": lambda: models.mlp(widths=[6], activation="tanh", input_shape=(4,), num_outputs=3),
+        "mlp_relu": lambda: models.mlp(widths=[6], activation="relu", input_shape=(4,), num_outputs=3),
+        "mlp_bn": lambda: models.mlp(widths=[6], batchnorm=True, input_shape=(4,), num_outputs=3),
+        "cnn_max_bn": lambda: models.cnn(channels=[3, 4], batchnorm=True, input_shape=(2, 6, 6), num_outputs=3),
+        "cnn_avg": lambda: models.cnn(channels=[3, 4], pool="avg", input_shape=(2, 6, 6), num_outputs=3),
+        "vgg_small_bn": lambda: models.vgg(config=[4, "M", 6, "M"], classifier=[8], input_shape=(3, 4, 4), num_outputs=3),
+        "vgg_small": lambda: models.vgg(config=[4, "M", 6, "M"], classifier=[8], batchnorm=False,
+                                        input_shape=(3, 4, 4), num_outputs=3),
+        "vgg16_narrow": lambda: models.vgg16_narrow(num_outputs=3),
+    }
+    n = 4 if name == "vgg16_narrow" else 10
+    X, y = torch.randn(n, *shapes[name], generator=g), torch.randint(0, 3, (n,), generator=g)
+    loss = losses.mse if name == "deep_linear" else losses.cross_entropy
+    return Problem(builders[name]().double(), loss, Data(X, y, 3), dtype=torch.float64,
+                   chunk_size=4 if name.startswith("cnn") else None, hvp="forward_over_reverse")
+
+
+ZOO = ["quadratic", "linear", "deep_linear", "mlp_tanh", "mlp_relu", "mlp_bn", "cnn_max_bn", "cnn_avg", "vgg_small_bn",
+       "vgg_small"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ZOO + [pytest.param("vgg16_narrow", marks=pytest.mark.slow)])
+def test_every_flow_on_every_zoo_model_agrees_across_backends(model):
+    check_fixed_agreement(zoo_problem(model), BUILTIN_FLOWS,
+                          pairs=(("torchdiffeq:rk4", "diffrax:RK4_38"), ("flowlab:rk4", "diffrax:RK4")))
+
+
+def adaptive_gap(p: Problem, name: str, rtol: float, times) -> float:
+    flow = FLOWS[name]
+    a, _ = trajectory(make_integrator("torchdiffeq:dopri5", rtol=rtol, atol=rtol * 1e-2), flow, p, hp_for(flow), times)
+    b, _ = trajectory(make_integrator("diffrax:Dopri5", rtol=rtol, atol=rtol * 1e-2), flow, p, hp_for(flow), times)
+    return max_rel(b, a)
+
+
+def test_adaptive_dopri5_agrees_on_smooth_models():
+    """(b) torchdiffeq dopri5 vs diffrax Dopri5 at rtol 1e-10 on smooth models: ≤ 1e-8."""
+    times = [0.2 * k for k in range(1, 11)]
+    for p in (QUAD, MLP):
+        gap = adaptive_gap(p, "gradient_flow", 1e-10, times)
+        assert gap <= 1e-8, gap
+
+
+@pytest.mark.slow
+def test_adaptive_dopri5_agrees_on_smooth_models_every_flow():
+    times = [0.2 * k for k in range(1, 11)]
+    for p in (QUAD, MLP):
+        for name in BUILTIN_FLOWS:
+            gap = adaptive_gap(p, name, 1e-10, times)
+            assert gap <= 1e-8, (name, gap)
+
+
+# ---------------------------------------------------------------- the kernel itself
+
+
+def test_kernel_steps_like_diffeqsolve():
+    """One interval with exact landing is diffeqsolve's own loop: the same accepted and rejected
+    steps, and the same end state to round-off (first step given: diffeqsolve wraps its terms and
+    then skips the initial-step heuristic, using 0.01)."""
+    import diffrax as dfx
+
+    flow, hp = FLOWS["modified_temporal"], HP["gd"]
+    integ = make_integrator("diffrax:Dopri5", rtol=1e-7, atol=1e-9, options={"land": "exact", "first_step": 0.3})
+    ops = integ.make_ops(QUAD)
+    s0 = tuple(flow.initial_state(QUAD.theta0.clone(), ops, hp))
+    session = integ.start(flow, ops, hp, 0.0, s0)
+    session.advance(1.5)
+    y0 = tuple(session._as_jax(s) for s in s0)
+    term = dfx.ODETerm(lambda t, y, args: tuple(flow.vector_field(t, y, ops, hp)))
+    sol = dfx.diffeqsolve(term, dfx.Dopri5(), 0.0, 1.5, 0.3, y0, saveat=dfx.SaveAt(t1=True),
+                          stepsize_controller=dfx.PIDController(rtol=1e-7, atol=1e-9), max_steps=100_000)
+    assert session.steps == int(sol.stats["num_accepted_steps"])
+    assert session.rejected == int(sol.stats["num_rejected_steps"]) and session.rejected > 0
+    scale = max(float(np.abs(np.asarray(y)).max()) for y in sol.ys)
+    for mine, theirs in zip(session.state, sol.ys):
+        assert float(np.abs(np.asarray(mine) - np.asarray(theirs[0])).max()) <= 1e-14 * scale
+    # evaluations from the tableau: 7 on each attempt with no FSAL stage yet (the first, and any
+    # retry of it), 6 on later ones
+    assert session.nfe == 7 + 6 * (session.steps + session.rejected - 1) + (session.nfe - 7) % 6
+
+
+@pytest.mark.parametrize("solver", ["Dopri5", pytest.param("Heun", marks=pytest.mark.slow)])
+def test_evaluation_count_from_the_tableau_equals_the_run_time_count(solver):
+    flow, hp = FLOWS["gradient_flow"], HP["gd"]
+    times = [0.1, 0.3, 0.35, 0.8]
+    counts = []
+    for runtime in (False, True):
+        integ = make_integrator(f"diffrax:{solver}", rtol=1e-10, atol=1e-12)
+        integ.count_at_runtime = runtime  # a host callback in the field counts every evaluation
+        _, s = trajectory(integ, flow, QUAD, hp, times)
+        counts.append((s.nfe, s.steps, s.rejected))
+    assert counts[0] == counts[1] and counts[0][0] > 0
+
+
+def test_compiled_once_per_study():
+    """Intervals of any length, a restarted session and a tightened copy reuse one compilation."""
+    flow, hp = FLOWS["gradient_flow"], HP["gd"]
+    integ = make_integrator("diffrax:Dopri5", rtol=1e-10, atol=1e-12)
+    times = np.cumsum([0.013, 0.2, 0.05, 0.31, 0.007, 0.1])
+    _, session = trajectory(integ, flow, MLP, hp, times)
+    assert session.kernel.traces == {"init": 1, "advance": 1}
+    trajectory(integ, flow, MLP, hp, times[:3] * 0.9)
+    trajectory(integ.tightened(10.0), flow, MLP, hp, times)
+    assert session.kernel.traces == {"init": 1, "advance": 1}
+    fixed = make_integrator("diffrax:RK4_38", dt=0.025)
+    flow, hp = FLOWS["momentum_second_order"], HP["heavy_ball"]
+    _, s2 = trajectory(fixed, flow, MLP, hp, times)  # ⌈Δt/dt⌉ differs per interval: a traced count
+    trajectory(fixed.tightened(2.0), flow, MLP, hp, times)
+    assert s2.kernel.traces == {"init": 1, "advance": 1}
+
+
+def test_blow_up_and_step_limits_stop_the_flow_with_a_reason():
+    p = quadratic_problem(A=((-50.0, 0.0), (0.0, 1.0)))  # θ1 grows like e^{50t}
+    flow, hp = FLOWS["gradient_flow"], Hyper(lr=0.1)
+    with pytest.raises(FlowStopped, match=r"non-finite state|step size underflow|diffrax"):
+        trajectory(make_integrator("diffrax:Dopri5", rtol=1e-6), flow, p, hp, [5.0, 20.0, 40.0])
+    with pytest.raises(FlowStopped, match=r"stopped: more than max_steps=5 steps in one interval at t=0"):
+        trajectory(make_integrator("diffrax:Dopri5", rtol=1e-12, options={"max_steps": 5}), flow, QUAD, hp, [1.0])
+
+
+def test_bad_options_are_rejected_by_name():
+    with pytest.raises(FlowlabError, match="diffrax:RK4_38 is a fixed-step method"):
+        make_integrator("diffrax:RK4_38", rtol=1e-6)
+    with pytest.raises(FlowlabError, match="land"):
+        make_integrator("diffrax:Dopri5", options={"land": "sometimes"})
+    with pytest.raises(FlowlabError, match="unknown option"):
+        make_integrator("diffrax:Dopri5", options={"max_step": 3})
+    with pytest.raises(FlowlabError, match="known: .*diffrax:Dopri5"):
+        make_integrator("diffrax:dopri5")
+
+
+# ------------------------------------------------------------------------- a real run
+
+
+def test_study_with_both_backends_in_one_dataset(tmp_path):
+    from flowlab import Run
+
+    study = parse_study({
+        "study": {"name": "both", "dtype": "float64", "device": "cpu"},
+        "model": {"name": "mlp", "widths": [5], "activation": "tanh"},
+        "data": {"name": "gaussian_mixture", "n": 24, "dim": 3, "classes": 2},
+        "optimizer": {"lr": 0.1, "steps": 6, "batch_size": "full", "weight_decay": 1e-3},
+        "record": {"every": 2, "projections": 2},
+        # flowlab.theory's flow laws (on by default) are checked by their own tests
+        "theory": {"flow_laws": False},
+        "flows": [
+            {"name": "modified_loss", "integrator": "torchdiffeq:rk4", "dt": 0.05, "label": "torch"},
+            {"name": "modified_loss", "integrator": "diffrax:RK4_38", "dt": 0.05, "label": "jax"},
+            {"name": "gradient_flow", "integrator": "diffrax:Dopri5", "rtol": 1e-9, "label": "jax_adaptive"},
+        ],
+    })
+    ds = Run(study, tmp_path / "run", overwrite=True).execute()
+    methods = [str(m) for m in ds.method.values]
+    assert methods == ["sgd", "torch", "jax", "jax_adaptive"]
+    assert all(str(s) == "ok" for s in ds.status.values)
+    i_torch, i_jax, i_adaptive = 1, 2, 3
+    th = ds.theta.values
+    assert np.abs(th[i_torch] - th[i_jax]).max() <= 1e-12 * np.abs(th[i_torch]).max()
+    last = {name: ds[name].values[:, -1] for name in ("compile_seconds", "accepted_steps", "rejected_steps", "nfe")}
+    assert last["compile_seconds"][i_jax] > 0 and math.isnan(last["compile_seconds"][i_torch])
+    assert last["accepted_steps"][i_jax] == 3 * 4  # 3 intervals of 0.2, dt 0.05
+    assert last["rejected_steps"][i_adaptive] >= 0 and last["accepted_steps"][i_adaptive] > 0
+    assert last["nfe"][i_jax] == 4 * 12
+    # compile time is recorded apart: the flow's wall time (a few tiny intervals) is far below it
+    assert ds.wall_seconds.values[i_jax] < last["compile_seconds"][i_jax]
+
+
+def test_diffrax_on_a_model_without_twin_says_so(tmp_path, monkeypatch):
+    import sys
+    import textwrap
+
+    pkg = tmp_path / "jaxless"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Squared(nn.Module):
+            def __init__(self, n_in, n_out):
+                super().__init__()
+                self.lin = nn.Linear(n_in, n_out)
+
+            def forward(self, x):
+                return self.lin(x) ** 2
+
+        def net(input_shape=None, num_outputs=None):
+            return Squared(input_shape[0], num_outputs)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("jaxless", None)
+    from flowlab import Run
+
+    study = parse_study({
+        "study": {"dtype": "float64", "device": "cpu"}, "model": {"name": "jaxless:net"},
+        "data": {"name": "gaussian_mixture", "n": 10, "dim": 3, "classes": 2},
+        "optimizer": {"lr": 0.1, "steps": 2}, "flows": [{"name": "gradient_flow", "integrator": "diffrax:Tsit5"}],
+    })
+    with pytest.raises(FlowlabError, match=r"flows.integrator = 'diffrax:Tsit5'.*no JAX twin.*Squared.*torchdiffeq"):
+        Run(study, tmp_path / "out").execute()
+
+
