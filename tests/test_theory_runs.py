@@ -74,3 +74,18 @@ def test_theory_section(tmp_path):
     assert "theory" not in off
     with pytest.raises(flowlab.ConfigError, match="theory.variants = 'papr'.*did you mean 'paper'"):
         flowlab.parse_study(small_study(theory={"variants": ["papr"]}))
+
+
+def test_report_prints_theory_and_flow_laws(tmp_path, capsys):
+    from flowlab.cli import main
+
+    raw = small_study(model={"name": "mlp", "widths": [6], "activation": "identity", "batchnorm": True},
+                      data={"name": "digits", "n": 60}, optimizer={"lr": 0.1, "steps": 6, "weight_decay": 0.01},
+                      record={"every": 3},
+                      flows=[{"name": "gradient_flow", "integrator": "torchdiffeq:dopri5", "rtol": 1e-8}])
+    flowlab.run(flowlab.parse_study(raw), tmp_path / "o")
+    assert main(["report", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "theory vs measured" in out and "exact_discrete" in out
+    assert "obeys its law" in out and "gradient_flow@torchdiffeq:dopri5" in out
+    assert (tmp_path / "o" / "theory_fig5.png").stat().st_size > 1000

@@ -166,6 +166,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
         table.add_row(*vals)
     console = _console()
     console.print(table)
+    try:  # the theory's predictions and each flow's law, when the result has them
+        from flowlab.theory.report import print_theory
+    except ImportError:
+        print_theory = None
+    if print_theory is not None:
+        paths = list(paths) + print_theory(args.result, by_layer=args.by_layer, figures=not args.no_figures,
+                                           console=console)
     for p in paths:
         console.print(f"wrote {p}", highlight=False)
     return 0

@@ -46,3 +46,67 @@ def theory_table(ds: xr.Dataset, by_layer: bool = False) -> list[dict]:
                 row["layer"] = layer
             rows.append(row)
     return rows
+
+
+def flow_law_table(ds: xr.Dataset) -> list[dict]:
+    """Per flow × kind: how well the flow obeys its own law (max |Q_flow − Q_law| / scale) and how
+    closely its quantities track the discrete run's (max |Q_flow − Q_sgd| / scale)."""
+    if "flow_law" not in ds:
+        return []
+    kinds = ds["group_kind"].values.astype(str)
+    scale = ds["group_scale"].values.astype(np.float64)
+    scale = np.where(scale > 0, scale, 1e-300)
+    Q = ds["quantity"].values
+    law = ds["flow_law"].values
+    rows = []
+    for i, method in enumerate(ds["method"].values.astype(str)):
+        if i == 0 or not np.isfinite(law[i]).any():
+            continue
+        obey = np.abs(Q[i] - law[i]) / scale
+        track = np.abs(Q[i] - Q[0]) / scale
+        for kind in KINDS:
+            m = kinds == kind
+            if m.any():
+                rows.append({"method": method, "kind": kind, "groups": int(m.sum()),
+                             "obeys_law": float(np.nanmax(obey[:, m])), "tracks_sgd": float(np.nanmax(track[:, m]))})
+    return rows
+
+
+def print_theory(result, by_layer: bool = False, figures: bool = True, console=None) -> list:
+    """The theory part of ``flowlab report``: tables (and a Fig. 5-style figure next to the result)."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from flowlab.store import open_result
+
+    ds = open_result(result, load=True)
+    console = console or Console()
+    paths = []
+    rows = theory_table(ds, by_layer)
+    if rows:
+        table = Table(title="theory vs measured (sgd): |Q − Q_pred| / max(|Q(0)|, scale)")
+        cols = ["variant", "kind"] + (["layer"] if by_layer else []) + ["groups", "max", "final"]
+        for c in cols:
+            table.add_column(c, justify="left" if c in ("variant", "kind", "layer") else "right")
+        for r in rows:
+            table.add_row(r["variant"], r["kind"], *([escape(r["layer"])] if by_layer else []), str(r["groups"]),
+                          f"{r['max_rel_error']:.3g}", f"{r['final_rel_error']:.3g}")
+        console.print(table)
+    flows = flow_law_table(ds)
+    if flows:
+        table = Table(title="flows: their own law, and the discrete run (relative to scale)")
+        for c in ("method", "kind", "groups", "obeys its law", "tracks sgd"):
+            table.add_column(c, justify="left" if c in ("method", "kind") else "right")
+        for r in flows:
+            table.add_row(escape(r["method"]), r["kind"], str(r["groups"]), f"{r['obeys_law']:.3g}", f"{r['tracks_sgd']:.3g}")
+        console.print(table)
+    if figures and rows:
+        from .figures import theory_figure
+
+        p = Path(result)
+        out = (p.parent if p.is_file() else p) / "theory_fig5.png"
+        paths.append(theory_figure(ds, out))
+    return paths
