@@ -243,6 +243,18 @@ TABLEAUX = {
 }
 
 
+def _axpy(y: tuple, terms: list) -> tuple:
+    """y + Σ c_j k_j, part by part (the first term fused with the copy: no separate clone)."""
+    out = []
+    for p, part in enumerate(y):
+        c0, k0 = terms[0]
+        acc = torch.add(part, k0[p], alpha=c0)
+        for c, k in terms[1:]:
+            acc.add_(k[p], alpha=c)
+        out.append(acc)
+    return tuple(out)
+
+
 class FixedStepIntegrator(Integrator):
     """flowlab's explicit fixed-step Runge–Kutta, in the problem's own device tensors under
     ``torch.no_grad`` (no autograd graph kept).  ``dt``: the step (default: the discrete run's
@@ -315,17 +327,9 @@ class _FixedSession:
             if i == 0:
                 ks.append(k1 if k1 is not None else self._f(t, y))
                 continue
-            yi = tuple(part.clone() for part in y)
-            for j, aij in enumerate(a[i - 1]):
-                if aij:
-                    for part, kpart in zip(yi, ks[j]):
-                        part.add_(kpart, alpha=h * aij)
+            yi = _axpy(y, [(h * aij, ks[j]) for j, aij in enumerate(a[i - 1]) if aij])
             ks.append(self._f(t + sum(a[i - 1]) * h, yi))
-        new = tuple(part.clone() for part in y)
-        for bi, k in zip(b, ks):
-            if bi:
-                for part, kpart in zip(new, k):
-                    part.add_(kpart, alpha=h * bi)
+        new = _axpy(y, [(h * bi, k) for bi, k in zip(b, ks) if bi])
         self.steps += 1
         every = self.integ.check_every
         if every and self.steps % every == 0:
