@@ -96,3 +96,62 @@ def test_d3_is_zero_on_a_quadratic():
     ops.loss_and_grad(th)
     assert torch.count_nonzero(ops.d3(th, torch.ones(2, dtype=torch.float64))) == 0
     assert torch.count_nonzero(problem.full_d3(th, torch.ones(2, dtype=torch.float64))) == 0
+
+
+ENGINE_CASES = [
+    ({"name": "mlp", "widths": [12, 8], "activation": "relu"}, {"name": "digits", "n": 50}, "cross_entropy"),
+    ({"name": "mlp", "widths": [12, 8], "activation": "tanh", "batchnorm": True}, {"name": "digits", "n": 50},
+     "cross_entropy"),
+    ({"name": "mlp", "widths": [12], "activation": "leaky_relu"}, {"name": "digits", "n": 50}, "mse"),
+    ({"name": "cnn", "channels": [4, 6], "batchnorm": True}, {"name": "digits", "n": 40, "image": True},
+     "cross_entropy"),
+    ({"name": "cnn", "channels": [4, 6], "pool": "avg", "activation": "tanh", "hidden": [5]},
+     {"name": "digits", "n": 40, "image": True}, "mse"),
+    ({"name": "vgg", "config": [4, "M", 8, "M"], "classifier": [10]}, {"name": "digits", "n": 40, "image": True},
+     "cross_entropy"),
+]
+
+
+@pytest.mark.parametrize("model,data,loss", ENGINE_CASES)
+def test_rop_engine_matches_autograd(model, data, loss):
+    """The hand-written R-operator passes give autograd's gradient and double-backward HVP to
+    round-off (float64), stand-alone and at the θ of a kept gradient."""
+    from flowlab.flows.rop import engine_for
+
+    problem = flowlab.build(flowlab.parse_study(small_study(model=model, data=data, loss={"name": loss}))).problem
+    engine = engine_for(problem)
+    assert engine is not None
+    gen = torch.Generator().manual_seed(0)
+    th = problem.theta0 + 0.05 * torch.randn(problem.dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(problem.dim, generator=gen, dtype=torch.float64)
+    batch = problem.batch()
+    loss_e, g_e = engine.grad(th, batch)
+    loss_a, g_a = problem.loss_and_grad(th, batch)
+    hv_a = problem._hvp_double(th, v, batch)
+    engine.grad(th, batch)
+    torch.testing.assert_close(loss_e, loss_a, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(g_e, g_a, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(engine.hvp(v), hv_a, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(engine.standalone_hvp(th, batch, v), hv_a, rtol=1e-11, atol=1e-13)
+
+
+def test_engine_is_refused_for_what_it_does_not_know():
+    from flowlab.flows.rop import engine_for
+
+    assert engine_for(_problem(chunk_size=40)) is None  # several chunks
+    raw = {"study": {"device": "cpu"}, "model": {"name": "quadratic"}, "data": {"name": "points"},
+           "optimizer": {"lr": 0.1, "steps": 1}}
+    assert engine_for(flowlab.build(flowlab.parse_study(raw)).problem) is None  # a model-computed loss
+
+
+def test_two_ops_on_one_problem_never_mix_their_kept_state():
+    problem = _problem()
+    a, b, plain = TorchOps(problem), TorchOps(problem), TorchOps(problem, reuse_graph=False, engine=False)
+    th1, th2 = problem.theta0.clone(), problem.theta0 + 0.01
+    for ops, th in ((a, th1), (b, th2)):  # switch both to reuse mode
+        ops.loss_and_grad(th)
+        ops.hvp(th, th)
+    _, g1 = a.loss_and_grad(th1)
+    _, g2 = b.loss_and_grad(th2)  # reloads θ2 into the module: a's kept passes are stale now
+    torch.testing.assert_close(a.hvp(th1, g1), plain.hvp(th1, g1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(b.hvp(th2, g2), plain.hvp(th2, g2), rtol=1e-12, atol=1e-14)

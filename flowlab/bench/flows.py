@@ -12,9 +12,10 @@ costs ~5 ms and torchdiffeq's per-step arithmetic on the 26k-vector — stages s
 
 ``hvp``: H v ÷ raw grad time on the narrow VGG-16 (batch 256 of 3×32×32, float32, CPU) and on the
 MLP: torch's double backward (``Problem`` method ``double_backward``), forward-over-reverse
-(``torch.func.jvp`` of ``torch.func.grad``), and — what a flow's vector field pays — an HVP at a θ
-whose gradient was just computed with its graph kept (``TorchOps`` graph reuse), also given as the
-whole field G + HG ÷ grad.  Target for a stand-alone HVP: ≤ 2.0.
+(``torch.func.jvp`` of ``torch.func.grad``), an HVP at a θ whose gradient was computed with its
+autograd graph kept, flowlab's R-operator engine (:mod:`flowlab.flows.rop`: its gradient, an HVP at
+the θ of that gradient — what a flow's vector field pays —, and a stand-alone HVP), and the whole
+IGR field G + (η/2)HG ÷ grad.  Target: HVP ≤ 2.0 × grad.
 
 Timing: repeats alternate the raw gradient and the measured operation; each ratio is a ratio of
 medians, with the spread (min..max of the per-repeat ratios) beside it.  ``--clock cpu`` (default)
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 import flowlab
 from flowlab.flows import Hyper, TorchOps, make_flow, make_integrator
+from flowlab.flows.rop import engine_for
 
 
 def _mlp_problem(dtype: str = "float32") -> flowlab.Built:
@@ -153,13 +155,21 @@ def _hvp_rows(label: str, problem: flowlab.Problem, repeats: int) -> list[tuple[
     grad_graph()
     rows.append((f"{label}: gradient with graph kept", *_ratio(grad_graph, raw, repeats)))
     rows.append((f"{label}: HVP at the θ of a kept gradient", *_ratio(lambda: state["g"].hvp(v), raw, repeats)))
-    ops = TorchOps(problem)
+    engine = engine_for(problem)
+    if engine is not None:
+        rows.append((f"{label}: R-op engine gradient", *_ratio(lambda: engine.grad(th, batch), raw, repeats)))
+        engine.grad(th, batch)
+        rows.append((f"{label}: R-op engine HVP at the θ of its gradient",
+                     *_ratio(lambda: engine.hvp(v), raw, repeats)))
+        rows.append((f"{label}: R-op engine HVP stand-alone", *_ratio(lambda: engine.standalone_hvp(th, batch, v),
+                                                                       raw, repeats)))
     flow = make_flow("modified_loss")
     hp = Hyper(lr=0.1)
-    flow.vector_field(0.0, (th,), ops, hp)
-    flow.vector_field(0.0, (th,), ops, hp)  # graph reuse is on from the second call
-    rows.append((f"{label}: IGR field G + (η/2)HG (graph reuse)",
-                 *_ratio(lambda: flow.vector_field(0.0, (th,), ops, hp), raw, repeats)))
+    for name, ops in (("autograd graph reuse", TorchOps(problem, engine=False)), ("R-op engine", TorchOps(problem))):
+        flow.vector_field(0.0, (th,), ops, hp)
+        flow.vector_field(0.0, (th,), ops, hp)  # reuse is on from the second call
+        rows.append((f"{label}: IGR field G + (η/2)HG ({name})",
+                     *_ratio(lambda ops=ops: flow.vector_field(0.0, (th,), ops, hp), raw, repeats)))
     return rows
 
 

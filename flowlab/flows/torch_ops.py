@@ -12,30 +12,38 @@ class TorchOps:
 
     Every result is a new tensor (solvers keep several of them); ``counts`` tallies the calls.
 
-    Graph reuse: a vector field such as IGR's asks for ∇L(θ) and then H(θ)∇L at the same θ.  Once
-    an ``hvp``/``d3`` call has followed a ``loss_and_grad`` call at the same θ (the same tensor,
-    unmodified, with no other evaluation of the problem in between), later gradients are computed
-    with their autograd graph kept, and HVPs / third-derivative contractions at that θ run only the
-    extra backward passes (the forward and first backward pass are shared).  This needs the whole
-    dataset in one chunk (``data.chunk_size`` unset); ``reuse_graph=False`` turns it off.  Once
-    ``d3`` has been called, kept graphs run BatchNorm as primitive ops (torch's fused BatchNorm has
-    wrong third derivatives).
+    HVPs: a vector field such as IGR's asks for ∇L(θ) and then H(θ)∇L at the same θ.  Once an
+    ``hvp``/``d3`` call has followed a ``loss_and_grad`` call at the same θ (the same tensor,
+    unmodified, with no other evaluation of the problem in between), later gradients keep what the
+    HVP needs, and HVPs at that θ run only the extra passes:
+
+    - with the R-operator engine (:mod:`flowlab.flows.rop`) when the model is a supported layer
+      chain and the loss cross-entropy or MSE: the gradient by its own passes, each HVP by one
+      R-forward and one R-backward pass;
+    - otherwise (and for ``d3``, which the engine does not do) with the gradient's autograd graph
+      kept; once ``d3`` has been called, kept graphs run BatchNorm as primitive ops (torch's fused
+      BatchNorm has wrong third derivatives).
+
+    Both need the whole dataset in one chunk (``data.chunk_size`` unset); ``reuse_graph=False``
+    turns reuse off, ``engine=False`` the R-operator engine.
     """
 
     backend = "torch"
 
-    def __init__(self, problem: Problem, reuse_graph: bool | str = "auto"):
+    def __init__(self, problem: Problem, reuse_graph: bool | str = "auto", engine: bool = True):
         self.problem = problem
         self.counts = {"loss": 0, "grad": 0, "hvp": 0, "d3": 0}
         self.reuse_graph = reuse_graph
-        self._last: tuple | None = None  # (theta, version, stamp, graph or None)
-        self.third_order = False  # set by the first d3 call: graphs then keep BatchNorm differentiable thrice
+        self._last: tuple | None = None  # (theta, version, stamp, kept state or None)
+        self.third_order = False  # set by the first d3 call
+        self._engine_state = None if engine else False
 
+    # ------------------------------------------------------------------ helpers
     def _stamp(self) -> int:
         return sum(self.problem.counts.values())
 
-    def _remember(self, theta: torch.Tensor, graph: GradGraph | None) -> None:
-        self._last = (theta, theta._version, self._stamp(), graph)
+    def _remember(self, theta: torch.Tensor, kept) -> None:
+        self._last = (theta, theta._version, self._stamp(), kept)
 
     def _same(self, theta: torch.Tensor) -> tuple | None:
         last = self._last
@@ -43,6 +51,27 @@ class TorchOps:
             return last
         return None
 
+    def _one_chunk(self) -> bool:
+        return self.problem.chunk_size >= self.problem.n
+
+    def engine(self):
+        """The R-operator engine for this problem, or None (unsupported model/loss, several chunks,
+        d3 in use, or turned off)."""
+        if self._engine_state is None:
+            from .rop import engine_for
+
+            self._engine_state = engine_for(self.problem) or False
+        return None if (self._engine_state is False or self.third_order) else self._engine_state
+
+    def _kept(self, theta: torch.Tensor):
+        last = self._same(theta)
+        if last is None:
+            return None
+        if last[3] is None and self.reuse_graph == "auto" and self._one_chunk():
+            self.reuse_graph = True  # the grad-then-HVP pattern: keep what HVPs need from now on
+        return last[3]
+
+    # ---------------------------------------------------------------------- ops
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         self.counts["loss"] += 1
         self._last = None
@@ -50,7 +79,15 @@ class TorchOps:
 
     def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.counts["grad"] += 1
-        if self.reuse_graph is True:
+        if self.reuse_graph is True and self._one_chunk():
+            eng = self.engine()
+            if eng is not None:
+                try:
+                    loss, g = eng.grad(theta, self.problem.batch())
+                    self._remember(theta, eng)
+                    return loss, g
+                except NotImplementedError:
+                    self._engine_state = False
             res = self.problem.full_grad_graph(theta, third_order=self.third_order)
             if res is not None:
                 self._remember(theta, res[2])
@@ -62,34 +99,30 @@ class TorchOps:
     def grad(self, theta: torch.Tensor) -> torch.Tensor:
         return self.loss_and_grad(theta)[1]
 
-    def _graph(self, theta: torch.Tensor) -> GradGraph | None:
-        last = self._same(theta)
-        if last is None:
-            return None
-        if last[3] is None and self.reuse_graph == "auto" and self.problem.chunk_size >= self.problem.n:
-            self.reuse_graph = True  # the grad-then-HVP pattern: keep graphs from now on
-        return last[3]
-
     def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.counts["hvp"] += 1
-        graph = self._graph(theta)
-        if graph is not None:
-            return graph.hvp(v)
-        if self.problem.hvp_method == "auto" and self.problem.chunk_size >= self.problem.n:
-            # double backward (the graph-reuse path) without timing the alternatives first
-            self.problem.counts["hvp"] += 1
-            out = self.problem.grad_graph(theta, self.problem.batch())[2].hvp(v, retain=False)
-        else:
-            out = self.problem.full_hvp(theta, v)
+        kept = self._kept(theta)
+        if kept is not None:
+            return kept.hvp(v)
         self._last = None
-        return out
+        if self._one_chunk():
+            eng = self.engine()
+            if eng is not None:
+                try:
+                    return eng.standalone_hvp(theta, self.problem.batch(), v)
+                except NotImplementedError:
+                    self._engine_state = False
+            if self.problem.hvp_method == "auto":  # double backward, without timing alternatives first
+                self.problem.counts["hvp"] += 1
+                return self.problem.grad_graph(theta, self.problem.batch())[2].hvp(v, retain=False)
+        return self.problem.full_hvp(theta, v)
 
     def d3(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.counts["d3"] += 1
         self.third_order = True
-        graph = self._graph(theta)
-        if graph is not None and graph.third_order_ok:
-            return graph.d3(v)
+        kept = self._kept(theta)
+        if isinstance(kept, GradGraph) and kept.third_order_ok:
+            return kept.d3(v)
         out = self.problem.full_d3(theta, v)
         self._last = None
         return out
