@@ -175,11 +175,21 @@ def _zarr_path(out: str | Path) -> Path:
     return p / STORE_NAME
 
 
+def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Variable-length strings (numpy StringDType, from older stores) as plain ``<U`` arrays."""
+    fix = {name: v for name, v in ds.variables.items() if v.dtype.kind == "T"}
+    if not fix:
+        return ds
+    coords = {n: (v.dims, np.array(v.values.tolist(), dtype=str), v.attrs) for n, v in fix.items() if n in ds.coords}
+    data = {n: (v.dims, np.array(v.values.tolist(), dtype=str), v.attrs) for n, v in fix.items() if n not in ds.coords}
+    return ds.assign_coords(coords).assign(data)
+
+
 def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
     """Open a run's Dataset: ``out`` is its output folder, a ``.zarr`` store or a netCDF file."""
     p = Path(out)
     if p.is_file() and p.suffix in (".nc", ".nc4", ".netcdf", ".h5"):
-        ds = xr.open_dataset(p, engine="h5netcdf")
+        ds = _plain_strings(xr.open_dataset(p, engine="h5netcdf"))
         return ds.load() if load else ds
     z = _zarr_path(p)
     if not z.exists():
@@ -190,6 +200,7 @@ def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
             ds = xr.open_zarr(z, consolidated=True, chunks=None)
         except (KeyError, FileNotFoundError, ValueError):
             ds = xr.open_zarr(z, consolidated=False, chunks=None)
+    ds = _plain_strings(ds)
     return ds.load() if load else ds
 
 
