@@ -3,8 +3,17 @@
 
 All integrate interval by interval (``session.advance(t1)``), holding one state.  Adaptive
 torchdiffeq methods keep their step size across intervals and return the state at ``t1`` from their
-dense output (steps are not cut at recording times); fixed-step methods cut each interval into
-⌈Δt/dt⌉ equal steps so they land exactly on every recording time.
+dense output (steps are not cut at recording times); flowlab's fixed-step methods step on the grid
+t0 + k·dt and interpolate between grid points (or, with ``land = true``, cut each interval into
+⌈Δt/dt⌉ equal steps so they land exactly on every recording time).
+
+Failures become :class:`FlowStopped` with the reason: a non-finite state, a step-size underflow, or
+more than ``max_steps`` steps (default 10 000) in one recording interval.
+
+ReLU-type networks: the vector field is only piecewise smooth (a kink wherever a unit switches on
+some example), so adaptive methods shrink their steps at every kink and can stall where the flow
+slides along a kink; use a fixed-step method (``flowlab:rk4`` with ``dt``) for them.  Smooth
+networks (tanh, GELU, softplus) integrate to rtol 1e-10 without trouble.
 """
 
 from __future__ import annotations
