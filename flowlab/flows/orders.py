@@ -202,6 +202,11 @@ def _dataset(study: Study, rows: list[dict], labels: list[str], lrs: list[float]
     data["steps"] = (("flow", "lr"), grid("steps", np.int64))
     for metric in ("theta", "output", "loss"):
         data[f"order_{metric}"] = (("flow",), np.array([_slope(lr_arr, grid(f"err_{metric}")[i]) for i in range(F)]))
+    e = grid("err_theta")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        last = np.log(e[:, -1] / e[:, -2]) / np.log(lr_arr[-1] / lr_arr[-2])
+    data["order_theta_last"] = (("flow",), last, {"long_name": "slope between the two smallest learning rates "
+                                                               "(the asymptotic estimate)"})
     data["expected_order"] = (("flow",), np.array([first[f]["order"] for f in labels], dtype=np.int64))
     data["beta"] = (("flow",), np.array([first[f]["beta"] for f in labels]))
     data["discrete"] = (("flow",), np.array([first[f]["discrete"] for f in labels], dtype=object))
