@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 TRANSLATION, SCALE, RESCALE = 0, 1, 2
@@ -59,8 +60,9 @@ class Predictor:
 
     All variants are linear recursions s_{k+1} = A_k s_k + B_k F_k in a small state s (7 rows per
     group) with F_k = (G_k, W_{k+1}); translation groups have no forcing.  ``advance`` applies a run
-    of updates at once (runs of equal η by matrix powers: a 10⁶-step run costs ~10³ small einsums);
-    every A_k is a contraction or neutral, so no exponential ever grows.
+    of updates at once (runs of equal η by matrix powers: a 10⁶-step run costs ~10³ small products);
+    every A_k is a contraction or neutral, so no exponential ever grows.  The state is a float64
+    numpy array on the host (tiny: 7 × groups); inputs may be torch tensors on any device.
 
     Parameters
     ----------
@@ -70,17 +72,17 @@ class Predictor:
     nesterov: Nesterov momentum has no closed recursion here; its ``exact_discrete`` is NaN.
     """
 
-    def __init__(self, kinds: Sequence[str] | torch.Tensor, q0: torch.Tensor, weight_decay: float,
-                 momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-                 variants: Sequence[str] | None = None):
-        self.device = q0.device
-        if not isinstance(kinds, torch.Tensor):
-            kinds = torch.tensor([KIND_CODES[k] if isinstance(k, str) else int(k) for k in kinds], device=self.device)
-        kind = kinds.to(self.device)
-        self.tr = torch.nonzero(kind == TRANSLATION).flatten()
-        self.sc = torch.nonzero(kind != TRANSLATION).flatten()
-        self.n = int(kind.numel())
-        self.q0 = q0.to(dtype=torch.float64, device=self.device).clone()
+    def __init__(self, kinds, q0, weight_decay: float, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, variants: Sequence[str] | None = None):
+        self.device = q0.device if isinstance(q0, torch.Tensor) else torch.device("cpu")
+        if isinstance(kinds, torch.Tensor):
+            codes = kinds.detach().cpu().numpy().astype(np.int64)
+        else:
+            codes = np.array([KIND_CODES[k] if isinstance(k, str) else int(k) for k in kinds], dtype=np.int64)
+        self.tr = np.flatnonzero(codes == TRANSLATION)
+        self.sc = np.flatnonzero(codes != TRANSLATION)
+        self.n = len(codes)
+        self.q0 = _np(q0).copy()
         self.lam, self.beta, self.damp, self.nesterov = float(weight_decay), float(momentum), float(dampening), nesterov
         self.variants = tuple(variants or variants_for(self.beta))
         unknown = set(self.variants) - set(SGD_VARIANTS) - set(MOMENTUM_VARIANTS)
@@ -90,23 +92,24 @@ class Predictor:
         self.s_sc = self._initial(self.q0[self.sc])
         self.E = {"gf": 0.0, "paper": 0.0, "hat": 0.0, "mfo": 0.0}  # Σ rate_j η_j, only used as e^{−E}
         self.k = 0
-        self._mats: dict[tuple[float, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._powers: dict[tuple[float, bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mats: dict[tuple[float, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._powers: dict[tuple[float, bool, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def _initial(self, q: torch.Tensor) -> torch.Tensor:
-        s = torch.zeros(N_ROWS, q.numel(), dtype=torch.float64, device=self.device)
+    @staticmethod
+    def _initial(q: np.ndarray) -> np.ndarray:
+        s = np.zeros((N_ROWS, q.size))
         s[Q_EX] = q
         s[X_OSC] = q
         return s
 
     # ------------------------------------------------------------ matrices
-    def _matrices(self, eta: float, first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _matrices(self, eta: float, first: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(A_translation, A_scale, B_scale) for one update with learning rate η."""
         key = (eta, first)
         if key in self._mats:
             return self._mats[key]
         lam, beta = self.lam, self.beta
-        A_tr, A_sc, B = torch.eye(N_ROWS, dtype=torch.float64), torch.eye(N_ROWS, dtype=torch.float64), torch.zeros(N_ROWS, 2, dtype=torch.float64)
+        A_tr, A_sc, B = np.eye(N_ROWS), np.eye(N_ROWS), np.zeros((N_ROWS, 2))
         a = math.exp(-2 * lam * eta)
         A_sc[I_PAPER, I_PAPER], B[I_PAPER, 0] = a, a * eta * eta
         rate = lam * (1 + eta * lam / 2)
@@ -131,45 +134,41 @@ class Predictor:
             gamma = (1 - beta) / (eta * (1 + beta))
             for A, w2 in ((A_tr, 2 * lam / (eta * (1 + beta))), (A_sc, 4 * lam / (eta * (1 + beta)))):
                 M = torch.tensor([[0.0, 1.0], [-w2, -2 * gamma]], dtype=torch.float64)
-                A[X_OSC:Y_OSC + 1, X_OSC:Y_OSC + 1] = torch.linalg.matrix_exp(eta * M)
+                A[X_OSC:Y_OSC + 1, X_OSC:Y_OSC + 1] = torch.linalg.matrix_exp(eta * M).numpy()
             B[X_OSC:Y_OSC + 1, 1] = 2 * eta * A_sc[X_OSC:Y_OSC + 1, Y_OSC]
-        out = tuple(t.to(self.device) for t in (A_tr, A_sc, B))
-        self._mats[key] = out  # type: ignore[assignment]
-        return out  # type: ignore[return-value]
+        self._mats[key] = (A_tr, A_sc, B)
+        return self._mats[key]
 
-    def _run_powers(self, eta: float, first: bool, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_tr^L, [A_sc^{L−1−j} B]_j) for a run of L equal updates."""
+    def _run_powers(self, eta: float, first: bool, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A_tr^L, A_sc^L, [A_sc^{L−1−j} B]_j) for a run of L equal updates."""
         key = (eta, first, L)
         if key not in self._powers:
             A_tr, A_sc, B = self._matrices(eta, first)
-            kernels = torch.empty(L, N_ROWS, 2, dtype=torch.float64, device=self.device)
+            kernels = np.empty((L, N_ROWS, 2))
             kernels[L - 1] = B
-            P_sc = torch.eye(N_ROWS, dtype=torch.float64, device=self.device)
+            P_sc = np.eye(N_ROWS)
             for j in range(L - 2, -1, -1):
                 P_sc = A_sc @ P_sc
                 kernels[j] = P_sc @ B
-            P_tr = torch.linalg.matrix_power(A_tr, L)
-            self._powers[key] = (P_tr, A_sc @ P_sc if L > 0 else P_sc, kernels)  # type: ignore[assignment]
+            self._powers[key] = (np.linalg.matrix_power(A_tr, L), A_sc @ P_sc, kernels)
             if len(self._powers) > 64:
                 self._powers.pop(next(iter(self._powers)))
-        return self._powers[key]  # type: ignore[return-value]
+        return self._powers[key]
 
     # ------------------------------------------------------------ updates
-    @torch.no_grad()
-    def step(self, eta: float, G: torch.Tensor, W: torch.Tensor | None = None) -> None:
+    def step(self, eta: float, G, W=None) -> None:
         """Advance over one update: η_k, the gradient terms G_k (per group; 0 for translation) and,
         with momentum, W_{k+1} = V_{k+1} (scale/rescale) from the buffer v_{k+1}."""
-        self.advance([eta], G.reshape(1, -1), None if W is None else W.reshape(1, -1))
+        self.advance([eta], _np(G).reshape(1, -1), None if W is None else _np(W).reshape(1, -1))
 
-    @torch.no_grad()
-    def advance(self, etas: Sequence[float], G: torch.Tensor, W: torch.Tensor | None = None) -> None:
-        """Advance over ``len(etas)`` updates; ``G``/``W`` are (updates, groups)."""
+    def advance(self, etas: Sequence[float], G, W=None) -> None:
+        """Advance over ``len(etas)`` updates; ``G``/``W`` are (updates, groups) arrays or tensors."""
         L = len(etas)
         if L == 0:
             return
-        G = G.to(dtype=torch.float64, device=self.device)[:, self.sc]
-        W = torch.zeros_like(G) if W is None else W.to(dtype=torch.float64, device=self.device)[:, self.sc]
-        F = torch.stack([G, W], dim=1)  # (L, 2, n_sc)
+        G = _np(G)[:, self.sc]
+        W = np.zeros_like(G) if W is None else _np(W)[:, self.sc]
+        F = np.stack([G, W], axis=1)  # (L, 2, n_sc)
         start = 0
         while start < L:
             first = self.k == 0 and self.beta > 0
@@ -180,11 +179,12 @@ class Predictor:
             self._apply_run(float(etas[start]), first, F[start:stop])
             start = stop
 
-    def _apply_run(self, eta: float, first: bool, F: torch.Tensor) -> None:
+    def _apply_run(self, eta: float, first: bool, F: np.ndarray) -> None:
         L = F.shape[0]
         P_tr, P_sc, kernels = self._run_powers(eta, first, L)
         self.s_tr = P_tr @ self.s_tr
-        self.s_sc = P_sc @ self.s_sc + torch.einsum("jrc,jcn->rn", kernels, F)
+        forcing = kernels[0] @ F[0] if L == 1 else np.einsum("jrc,jcn->rn", kernels, F)
+        self.s_sc = P_sc @ self.s_sc + forcing
         lam, beta = self.lam, self.beta
         self.E["gf"] += L * lam * eta / (1 - beta)
         self.E["paper"] += L * lam * eta
@@ -195,21 +195,19 @@ class Predictor:
         self.k += L
 
     # ------------------------------------------------------------ predictions
-    @torch.no_grad()
-    def predict(self) -> torch.Tensor:
-        """(variant, group) predictions of Q at the current time (after ``k`` updates)."""
-        out = torch.empty(len(self.variants), self.n, dtype=torch.float64, device=self.device)
+    def predict_numpy(self) -> np.ndarray:
+        """(variant, group) predictions of Q at the current time (after ``k`` updates), float64."""
+        out = np.empty((len(self.variants), self.n))
         q0 = self.q0
-        decay = {name: (math.exp(-E), math.exp(-2 * E)) for name, E in self.E.items()}
         for i, v in enumerate(self.variants):
-            if v in ("conservation",):
+            if v == "conservation":
                 out[i] = q0
                 continue
             if v in ("gradient_flow", "paper", "paper_hat", "momentum_first_order"):
                 key = {"gradient_flow": "gf", "paper": "paper", "paper_hat": "hat", "momentum_first_order": "mfo"}[v]
-                d1, d2 = decay[key]
-                out[i, self.tr] = q0[self.tr] * d1
-                out[i, self.sc] = q0[self.sc] * d2
+                E = self.E[key]
+                out[i, self.tr] = q0[self.tr] * math.exp(-E)
+                out[i, self.sc] = q0[self.sc] * math.exp(-2 * E)
                 row = {"paper": I_PAPER, "paper_hat": I_HAT, "momentum_first_order": I_MFO}.get(v)
                 if row is not None:
                     out[i, self.sc] += self.s_sc[row]
@@ -220,3 +218,13 @@ class Predictor:
             if v == "exact_discrete" and self.beta > 0 and self.nesterov:
                 out[i] = math.nan
         return out
+
+    def predict(self) -> torch.Tensor:
+        """(variant, group) predictions of Q at the current time, as a float64 tensor."""
+        return torch.from_numpy(self.predict_numpy()).to(self.device)
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)

@@ -5,7 +5,8 @@ each variant of :mod:`flowlab.theory.predict` (coordinate ``variant``), at the s
 ``quantity``.  The predictions are driven by the gradient terms of EVERY update (taken from the
 symmetry recorder, ``ctx.extras["symmetry"]``, so nothing is computed twice) and, with momentum, by
 the buffer's V_{k+1} = |v_{A,k+1}|² (rescale: A1 − A2).  Updates between two rows are buffered on the
-device and applied in one go (runs of equal η by matrix powers).
+device and applied when a chunk of rows is flushed (one host transfer; runs of equal η by matrix
+powers), so the per-step cost is two small copies.
 
 ``flow_law`` (method, time, group): for each integrated flow with a law
 (:mod:`flowlab.theory.flowlaws`), the quantity that law predicts along the flow's own trajectory,
@@ -79,10 +80,11 @@ class TheoryRecorder(Recorder):
         self.G = torch.zeros(self.capacity, n, dtype=torch.float64, device=proj.device)
         self.W = torch.zeros_like(self.G) if self.momentum else None
         self.etas: list[float] = []
+        self.marks: list[tuple[int, int]] = []  # (row in the current chunk, updates buffered before it)
 
     def before_update(self, info: StepInfo) -> None:
         if len(self.etas) == self.capacity:
-            self._drain()
+            self._drain(self._rows)
         self.G[len(self.etas)].copy_(self.sym.G)
 
     def after_update(self, info: StepInfo) -> None:
@@ -90,11 +92,24 @@ class TheoryRecorder(Recorder):
             self.W[len(self.etas)].copy_(self.sym.projector.quad(info.buf))
         self.etas.append(info.lr)
 
-    def _drain(self) -> None:
+    def _drain(self, rows: Rows | None) -> None:
+        """Apply the buffered updates, writing the prediction at every marked row on the way."""
         n = len(self.etas)
-        if n:
-            self.predictor.advance(self.etas, self.G[:n], None if self.W is None else self.W[:n])
-            self.etas.clear()
+        G = self.G[:n].cpu().numpy() if n else None
+        W = self.W[:n].cpu().numpy() if (n and self.W is not None) else None
+        done = 0
+        for row, upto in self.marks:
+            if upto > done:
+                self.predictor.advance(self.etas[done:upto], G[done:upto], None if W is None else W[done:upto])
+                done = upto
+            rows.put_at("theory", None, row, torch.from_numpy(self.predictor.predict_numpy()))
+        if n > done:
+            self.predictor.advance(self.etas[done:n], G[done:n], None if W is None else W[done:n])
+        self.marks.clear()
+        self.etas.clear()
+
+    def before_flush(self, rows: Rows) -> None:
+        self._drain(rows)
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.index != 0:
@@ -102,8 +117,8 @@ class TheoryRecorder(Recorder):
             if f is not None:
                 rows.put("flow_law", point.index, f.flow.predicted(f.state))
             return
-        self._drain()
-        rows.put("theory", None, self.predictor.predict())
+        self._rows = rows
+        self.marks.append((rows.row, len(self.etas)))
 
 
 def theory_recorders(ctx: RunContext) -> list[Recorder]:
