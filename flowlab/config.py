@@ -298,15 +298,21 @@ def _named(cls: type, section: str, raw: Any, default_name: str | None = None, *
     problem = string(name)
     if problem:
         raise ConfigError(f"{section}.name", name, problem)
-    fixed = {}
-    for key, check in extra.items():
+    fixed = _pop_checked(raw, extra, section)
+    return cls(name=name, options=_freeze(raw), **fixed)
+
+
+def _pop_checked(raw: dict, checks: Mapping[str, Callable[[Any], str | None]], section: str) -> dict[str, Any]:
+    """Remove the keys of ``checks`` from ``raw``, validating each; return them."""
+    out = {}
+    for key, check in checks.items():
         if key in raw:
             value = raw.pop(key)
             problem = check(value)
             if problem:
                 raise ConfigError(f"{section}.{key}", value, problem)
-            fixed[key] = value
-    return cls(name=name, options=_freeze(raw), **fixed)
+            out[key] = value
+    return out
 
 
 def _freeze(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -323,15 +329,8 @@ def _flow(raw: Any, index: int) -> FlowSpec:
     name = raw.pop("name")
     if string(name):
         raise ConfigError(f"{section}.name", name, string(name))
-    kwargs: dict[str, Any] = {"name": name}
     checks = {"integrator": string, "label": string, "rtol": positive_num, "atol": positive_num, "dt": positive_num}
-    for key, check in checks.items():
-        if key in raw:
-            value = raw.pop(key)
-            problem = check(value)
-            if problem:
-                raise ConfigError(f"{section}.{key}", value, problem)
-            kwargs[key] = value
+    kwargs = {"name": name, **_pop_checked(raw, checks, section)}
     spec = FlowSpec(**kwargs, options=_freeze(raw))
     if not spec.label:
         spec = replace(spec, label=f"{spec.name}@{spec.integrator}")
