@@ -46,9 +46,9 @@ def _print_summary(ds, out: Path) -> None:
         finite = loss[~_isnan(loss)]
         table.add_row(str(m), str(ds.status.values[i]), f"{finite[-1]:.4g}" if finite.size else "–",
                       f"{_nanmax(dist):.3g}", str(int(ds.n_grad_evals.values[i])), f"{float(ds.wall_seconds.values[i]):.2f}")
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no truncated labels
     console.print(table)
-    console.print(f"written to {out}/trajectory.zarr  (open with flowlab.open_result({str(out)!r}))")
+    console.print(f"written to {out}/trajectory.zarr  (open with flowlab.open_result({str(out)!r}))", soft_wrap=True)
 
 
 def _isnan(a):
