@@ -11,8 +11,8 @@ SGD_FLOWS = ["gradient_flow", "modified_loss", "modified_temporal", "modified_se
 MOMENTUM_FLOWS = ["momentum_first_order", "momentum_second_order", "momentum_modified"]
 
 
-def _run(tmp_path, names, momentum):
-    flows = [{"name": n, "integrator": "torchdiffeq:dopri5", "rtol": 1e-10, "atol": 1e-12} for n in names]
+def _run(tmp_path, names, momentum, integrator="torchdiffeq:dopri5"):
+    flows = [{"name": n, "integrator": integrator, "rtol": 1e-10, "atol": 1e-12} for n in names]
     # identity activations keep the field smooth (no ReLU kinks for the adaptive solver) and still
     # give rescale groups (BN affine pairs with the next layer's columns) besides scale and translation
     raw = small_study(model={"name": "mlp", "widths": [5, 4], "activation": "identity", "batchnorm": True},
@@ -27,9 +27,15 @@ def _run(tmp_path, names, momentum):
     return flowlab.Run(study, tmp_path / "o", built=built).execute().load()
 
 
-@pytest.mark.parametrize("names, momentum", [(SGD_FLOWS, 0.0), (MOMENTUM_FLOWS, 0.5)])
-def test_flow_laws_hold_to_solver_tolerance(tmp_path, names, momentum):
-    ds = _run(tmp_path, names, momentum)
+@pytest.mark.parametrize("names, momentum, integrator", [
+    (SGD_FLOWS, 0.0, "torchdiffeq:dopri5"),
+    (MOMENTUM_FLOWS, 0.5, "torchdiffeq:dopri5"),
+    (["modified_loss", "momentum_second_order"], 0.5, "diffrax:Tsit5"),  # the laws trace under jax.jit too
+])
+def test_flow_laws_hold_to_solver_tolerance(tmp_path, names, momentum, integrator):
+    if integrator.startswith("diffrax"):
+        pytest.importorskip("diffrax")
+    ds = _run(tmp_path, names, momentum, integrator)
     assert set(ds.group_kind.values) == {"translation", "scale", "rescale"}
     assert all(s == "ok" for s in ds.status.values)
     scale = ds.group_scale.values

@@ -88,12 +88,10 @@ class QuadForms:
             r, c, v = self.parts[name]
             if isinstance(like, torch.Tensor):
                 self._cache[key] = (r.to(like.device), c.to(like.device), v.to(like.device, like.dtype))
-            else:
-                import jax.numpy as jnp
+            else:  # numpy constants: safe to cache across jit traces (JAX arrays made in a trace are not)
                 import numpy as np
 
-                self._cache[key] = (jnp.asarray(r.numpy()), jnp.asarray(c.numpy()),
-                                    jnp.asarray(v.numpy().astype(np.dtype(like.dtype))))
+                self._cache[key] = (r.numpy(), c.numpy(), v.numpy().astype(np.dtype(like.dtype)))
         return self._cache[key]
 
     def _segment(self, name: str, x: Any, y: Any | None) -> Any:
@@ -120,9 +118,10 @@ class QuadForms:
             if isinstance(like, torch.Tensor):
                 self._cache[key] = (tr.to(like.device, like.dtype), half.to(like.device, like.dtype))
             else:
-                import jax.numpy as jnp
+                import numpy as np
 
-                self._cache[key] = (jnp.asarray(tr.numpy(), dtype=like.dtype), jnp.asarray(half.numpy(), dtype=like.dtype))
+                dt = np.dtype(like.dtype)
+                self._cache[key] = (tr.numpy().astype(dt), half.numpy().astype(dt))
         return self._cache[key]
 
 
@@ -220,9 +219,9 @@ class LawFlow(Flow):
 
 
 def _like(q0: torch.Tensor, x: Any) -> Any:
-    import jax.numpy as jnp
+    import numpy as np
 
-    return jnp.asarray(q0.cpu().numpy(), dtype=x.dtype)
+    return q0.cpu().numpy().astype(np.dtype(x.dtype))
 
 
 def _to_torch(x: Any, like: torch.Tensor) -> torch.Tensor:
@@ -230,4 +229,4 @@ def _to_torch(x: Any, like: torch.Tensor) -> torch.Tensor:
         return x.detach().to(like.device, torch.float64)
     import numpy as np
 
-    return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=like.device)
+    return torch.as_tensor(np.array(x, dtype=np.float64), device=like.device)
