@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flowlab.bench memory")
     ap.add_argument("--study", default="studies/quickstart.toml")
     ap.add_argument("--steps", type=int, default=20000)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a study key, e.g. symmetry.enabled=false for the core recorders only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    study = flowlab.load_study(args.study, [f"optimizer.steps={args.steps}", "record.every=1", "flows=[]"])
+    study = flowlab.load_study(args.study, [f"optimizer.steps={args.steps}", "record.every=1", "flows=[]", *args.set])
     probe = _RSS(max(1, args.steps // 10))
     with tempfile.TemporaryDirectory() as out:
         ds = flowlab.Run(study, out, overwrite=True, recorders=[probe]).execute()
@@ -50,5 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for step, mb in probe.samples:
         print(f"  after step {step:>7d}: RSS {mb:7.1f} MB")
     first, last = probe.samples[0][1], probe.samples[-1][1]
-    print(f"RSS growth from step {probe.samples[0][0]} to {probe.samples[-1][0]}: {last - first:+.1f} MB")
+    peak = max(mb for _, mb in probe.samples)
+    print(f"RSS growth from step {probe.samples[0][0]} to {probe.samples[-1][0]}: {last - first:+.1f} MB "
+          f"(peak {peak:.1f} MB; rows in flight to the writer: at most {4 + 1} chunks of {study.record.chunk})")
     return 0
