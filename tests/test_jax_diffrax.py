@@ -145,12 +145,17 @@ def test_fixed_step_euler_is_first_order_on_the_quadratic():
 # ---------------------------------------------------------------- cross-backend agreement
 
 
-def check_fixed_agreement(p: Problem, names, pairs=(("torchdiffeq:rk4", "diffrax:RK4_38"),)) -> None:
+def check_fixed_agreement(p: Problem, names, pairs=(("torchdiffeq:rk4", "diffrax:RK4_38"),), scale: float = 1.0) -> None:
+    """``scale`` shrinks η, dt and the times together (for stiff models: explicit RK4 needs
+    dt·λ_max(H) ≲ 2.8)."""
+    times = [t * scale for t in TIMES]
     for torch_name, jax_name in pairs:
         for name in names:
             flow = FLOWS[name]
-            a, _ = trajectory(make_integrator(torch_name, dt=0.025), flow, p, hp_for(flow), TIMES)
-            b, sb = trajectory(make_integrator(jax_name, dt=0.025), flow, p, hp_for(flow), TIMES)
+            hp = hp_for(flow)
+            hp = Hyper(lr=hp.lr * scale, weight_decay=hp.weight_decay, momentum=hp.momentum)
+            a, _ = trajectory(make_integrator(torch_name, dt=0.025 * scale), flow, p, hp, times)
+            b, sb = trajectory(make_integrator(jax_name, dt=0.025 * scale), flow, p, hp, times)
             assert max_rel(b, a) <= 1e-12, (torch_name, name, max_rel(b, a))
             assert sb.steps == 4 + 4 + 6 + 6  # ⌈Δt/dt⌉ equal steps per interval, landing on every time
 
@@ -203,13 +208,19 @@ ZOO = ["quadratic", "linear", "deep_linear", "mlp_tanh", "mlp_relu", "mlp_bn", "
 @pytest.mark.parametrize("model", ZOO + [pytest.param("vgg16_narrow", marks=pytest.mark.slow)])
 def test_every_flow_on_every_zoo_model_agrees_across_backends(model):
     check_fixed_agreement(zoo_problem(model), BUILTIN_FLOWS,
-                          pairs=(("torchdiffeq:rk4", "diffrax:RK4_38"), ("flowlab:rk4", "diffrax:RK4")))
+                          pairs=(("torchdiffeq:rk4", "diffrax:RK4_38"), ("flowlab:rk4", "diffrax:RK4")),
+                          scale=0.02 if model == "vgg16_narrow" else 1.0)
 
 
-def adaptive_gap(p: Problem, name: str, rtol: float, times) -> float:
+def adaptive_gap(p: Problem, name: str, rtol: float, times, max_steps: int = 10_000, nfe: dict | None = None) -> float:
     flow = FLOWS[name]
-    a, _ = trajectory(make_integrator("torchdiffeq:dopri5", rtol=rtol, atol=rtol * 1e-2), flow, p, hp_for(flow), times)
-    b, _ = trajectory(make_integrator("diffrax:Dopri5", rtol=rtol, atol=rtol * 1e-2), flow, p, hp_for(flow), times)
+    opts = {"max_steps": max_steps}
+    a, sa = trajectory(make_integrator("torchdiffeq:dopri5", rtol=rtol, atol=rtol * 1e-2, options=opts), flow, p,
+                       hp_for(flow), times)
+    b, sb = trajectory(make_integrator("diffrax:Dopri5", rtol=rtol, atol=rtol * 1e-2, options=opts), flow, p,
+                       hp_for(flow), times)
+    if nfe is not None:
+        nfe[rtol] = (sa.nfe, sb.nfe)
     return max_rel(b, a)
 
 
@@ -259,13 +270,15 @@ def test_kernel_steps_like_diffeqsolve():
     assert session.nfe == 7 + 6 * (session.steps + session.rejected - 1) + (session.nfe - 7) % 6
 
 
-@pytest.mark.parametrize("solver", ["Dopri5", pytest.param("Heun", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("solver", ["Dopri5", pytest.param("Heun", marks=pytest.mark.slow),
+                                    pytest.param("Dopri8", marks=pytest.mark.slow)])
 def test_evaluation_count_from_the_tableau_equals_the_run_time_count(solver):
     flow, hp = FLOWS["gradient_flow"], HP["gd"]
     times = [0.1, 0.3, 0.35, 0.8]
     counts = []
     for runtime in (False, True):
-        integ = make_integrator(f"diffrax:{solver}", rtol=1e-10, atol=1e-12)
+        rtol = 1e-6 if solver == "Heun" else 1e-10
+        integ = make_integrator(f"diffrax:{solver}", rtol=rtol, atol=rtol * 1e-2)
         integ.count_at_runtime = runtime  # a host callback in the field counts every evaluation
         _, s = trajectory(integ, flow, QUAD, hp, times)
         counts.append((s.nfe, s.steps, s.rejected))
@@ -379,3 +392,26 @@ def test_diffrax_on_a_model_without_twin_says_so(tmp_path, monkeypatch):
         Run(study, tmp_path / "out").execute()
 
 
+
+
+@pytest.mark.slow
+def test_adaptive_gap_on_a_relu_network_is_measured(capsys):
+    """(b) on a ReLU MLP the field −∇L jumps across the kinks, so adaptive solvers crawl across them
+    (nfe grows ~10× per 100× in rtol; rtol 1e-10 takes hours on 128 digits).  diffrax:Dopri5 here
+    makes torchdiffeq's step decisions (same initial-step heuristic, same controller), so the
+    measured gap is printed, not hidden, and bounded loosely (1e-6: the gap seen by solvers whose
+    step sequences differ)."""
+    study = parse_study({"study": {"dtype": "float64", "device": "cpu"},
+                         "model": {"name": "mlp", "widths": [16], "activation": "relu"},
+                         "data": {"name": "digits", "n": 128}, "optimizer": {"lr": 0.05, "steps": 1}})
+    from flowlab import build
+
+    p = build(study).problem
+    times = [0.2 * k for k in range(1, 11)]
+    nfe: dict = {}
+    gaps = {rtol: adaptive_gap(p, "gradient_flow", rtol, times, max_steps=1_000_000, nfe=nfe) for rtol in (1e-6, 1e-8)}
+    with capsys.disabled():
+        print("\nReLU MLP (digits 128, width 16), gradient flow to t = 2, torchdiffeq dopri5 vs diffrax Dopri5: "
+              + ", ".join(f"max relative gap {g:.1e} at rtol {r:g} (nfe {nfe[r][0]} / {nfe[r][1]})"
+                          for r, g in gaps.items()))
+    assert max(gaps.values()) <= 1e-6
