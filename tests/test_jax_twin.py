@@ -319,6 +319,30 @@ def test_conv_geometry_variants():
     assert gl <= TOL and gg <= TOL and gh <= TOL, (gl, gg, gh)
 
 
+@pytest.mark.parametrize("conv", ["lax", "im2col"])
+def test_both_convolution_forms_match_torch(conv):
+    """Stride, padding, dilation, a 1x1 and a non-square kernel: the lax convolution and the im2col
+    matrix product (the CPU default, fast inside the diffrax kernel's loop) agree with torch."""
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2)), nn.ReLU(),
+                        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Tanh(), nn.Conv2d(4, 2, 3, padding="same", dilation=2),
+                        nn.Flatten(), nn.LazyLinear(3))
+    X, y, c = classification((2, 7, 6))
+    seq(X)  # materialise the lazy layer
+    seq = nn.Sequential(*[m if not isinstance(m, nn.Linear) else nn.Linear(m.in_features, 3) for m in seq])
+    p = make_problem(seq, losses.cross_entropy, X, y, c)
+    gl, gg, gh = gaps(p, conv=conv)
+    assert gl <= TOL and gg <= TOL and gh <= TOL, (gl, gg, gh)
+
+
+def test_unknown_convolution_form_is_named():
+    torch.manual_seed(0)
+    p = make_problem(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)), losses.cross_entropy,
+                     *classification((1, 3, 3), classes=2))
+    with pytest.raises(FlowlabError, match="conv = 'fft'.*auto, lax, im2col"):
+        JaxProblem(p, conv="fft")
+
+
 def test_twin_from_a_built_study_is_cached():
     from flowlab import build, parse_study
 

@@ -95,17 +95,20 @@ class JaxProblem:
     device: ``auto`` (the torch Problem's device kind where JAX has it), ``cpu``, ``gpu``/``cuda[:N]``.
     chunk_size: examples per chunk of a full batch (default: the Problem's).
     precision: matmul/conv precision (``highest`` by default: no TF32 on GPUs).
+    conv: ``auto`` (im2col matrix products on CPU, ``lax.conv`` elsewhere), ``lax`` or ``im2col``
+        (:func:`~flowlab.jaxbackend.twin.model_twin`).
     """
 
     def __init__(self, problem: Problem, *, device: Any = "auto", chunk_size: int | None = None,
-                 precision: str = "highest"):
+                 precision: str = "highest", conv: str = "auto"):
         self.problem = problem
         self.layout = problem.layout
         self.dim = problem.dim
         self.torch_dtype = problem.dtype
         self.dtype = jax_dtype(problem.dtype)  # float64 switches JAX's x64 on (global)
         self.device = jax_device(device, like=problem.device)
-        self.apply = model_twin(problem.module, problem.layout, self.dtype, precision)
+        self.apply = model_twin(problem.module, problem.layout, self.dtype, precision, conv=conv,
+                                platform=self.device.platform)
         self.loss_fn = loss_twin(problem.loss_fn)
         self.batch_loss = _batch_loss(self.apply, self.loss_fn)
         self.n = problem.n

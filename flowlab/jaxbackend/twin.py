@@ -36,6 +36,7 @@ from ..problem import ParamEntry, ParamLayout
 Apply = Callable[[jax.Array, jax.Array], jax.Array]
 
 HINT = 'use a torchdiffeq integrator for it (e.g. integrator = "torchdiffeq:dopri5")'
+CONVS = ("auto", "lax", "im2col")
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}
 
 
@@ -50,8 +51,8 @@ def supported_layers() -> list[str]:
 class _Builder:
     """Turns modules into JAX functions, reading parameters as slices of θ."""
 
-    def __init__(self, module: nn.Module, layout: ParamLayout, dtype: Any, precision: Any):
-        self.dtype, self.precision = dtype, precision
+    def __init__(self, module: nn.Module, layout: ParamLayout, dtype: Any, precision: Any, conv: str = "lax"):
+        self.dtype, self.precision, self.conv = dtype, precision, conv
         params = [p for _, p in module.named_parameters()]
         if len(params) != len(layout.entries):
             raise NoTwinError(f"the layout has {len(layout.entries)} parameters but the model {len(params)}")
@@ -182,14 +183,35 @@ def _conv2d(b: _Builder, m: nn.Conv2d, path: str) -> Apply:
     else:
         pad = [(p, p) for p in _pair(m.padding)]
     groups = m.groups
+    use_lax = b.conv == "lax" or groups != 1
 
-    def apply(theta, x):
+    def apply_lax(theta, x):
         y = lax.conv_general_dilated(x, W(theta), window_strides=stride, padding=pad, rhs_dilation=dilation,
                                      dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups,
                                      precision=b.precision)
         return y + bias(theta)[None, :, None, None] if has_bias else y
 
-    return apply
+    def apply_im2col(theta, x):
+        # the convolution as ONE matrix product over the kernel's shifted, strided views of the input
+        # (same sums as lax.conv to round-off).  XLA:CPU runs lax convolutions (and their gradients)
+        # inside loop bodies, the diffrax kernel's while_loop, 10-35x slower than at top level
+        # (jax-ml/jax#12868); pads, slices and a dot do not suffer, and at top level this is as fast.
+        n, c, h, w = x.shape
+        xp = jnp.pad(x, ((0, 0), (0, 0), pad[0], pad[1]))
+        ho = (h + sum(pad[0]) - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        wo = (w + sum(pad[1]) - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        views = [lax.slice(xp, (0, 0, i * dilation[0], j * dilation[1]),
+                           (n, c, i * dilation[0] + stride[0] * (ho - 1) + 1, j * dilation[1] + stride[1] * (wo - 1) + 1),
+                           (1, 1, stride[0], stride[1]))
+                 for i in range(kernel[0]) for j in range(kernel[1])]
+        cols = jnp.concatenate(views, axis=1) if len(views) > 1 else views[0]  # (n, k·c, ho, wo), kernel-major
+        Wt = W(theta)
+        Wm = Wt.transpose(0, 2, 3, 1).reshape(Wt.shape[0], -1)  # (o, k·c) in the same order
+        y = jnp.dot(Wm, cols.transpose(1, 0, 2, 3).reshape(Wm.shape[1], -1), precision=b.precision)
+        y = y.reshape(Wt.shape[0], n, ho, wo).transpose(1, 0, 2, 3)
+        return y + bias(theta)[None, :, None, None] if has_bias else y
+
+    return apply_lax if use_lax else apply_im2col
 
 
 @_layer(nn.BatchNorm1d, nn.BatchNorm2d)
@@ -309,19 +331,27 @@ def _avgpool(b, m: nn.AvgPool2d, path):
 
 
 def model_twin(module: nn.Module, layout: ParamLayout | None = None, dtype: Any = None,
-               precision: str = "highest") -> Apply:
+               precision: str = "highest", conv: str = "auto", platform: str = "cpu") -> Apply:
     """``apply(theta, x)``: the JAX function the torch ``module`` computes in training mode, with its
     parameters read from the flat ``theta`` laid out as ``layout`` (default: the module's own).
 
     ``precision``: matrix products and convolutions at ``highest`` (true float32 on GPUs, no TF32;
     the default, for integrators at tight tolerances), ``high`` or ``default``.
+    ``conv``: how Conv2d is computed: ``lax`` (``lax.conv_general_dilated``), ``im2col`` (one matrix
+    product over the kernel's shifted views; grouped convolutions always use ``lax``) or ``auto``:
+    ``im2col`` when ``platform`` is ``cpu`` — XLA:CPU runs lax convolutions inside loop bodies (the
+    diffrax kernel) 10-35x slower than at top level — else ``lax``.
     """
     layout = layout or ParamLayout.from_module(module)
     if precision not in PRECISIONS:
         raise FlowlabError(f"precision = {precision!r}: allowed: {', '.join(PRECISIONS)}")
     if dtype is None:
         dtype = jnp.float64 if next(module.parameters()).dtype == torch.float64 else jnp.float32
-    return _Builder(module, layout, dtype, PRECISIONS[precision]).build(module, "")
+    if conv not in CONVS:
+        raise FlowlabError(f"conv = {conv!r}: allowed: {', '.join(CONVS)}")
+    if conv == "auto":
+        conv = "im2col" if platform == "cpu" else "lax"
+    return _Builder(module, layout, dtype, PRECISIONS[precision], conv).build(module, "")
 
 
 def _cross_entropy(out: jax.Array, y: jax.Array) -> jax.Array:
