@@ -100,3 +100,30 @@ def test_orders_on_the_tanh_study_all_flows():
     table = _check(ds, EXPECTED)
     print(table)
     assert np.all(ds.margin.values >= 100)
+
+
+def test_orders_on_a_small_tanh_network_with_diffrax():
+    """The same default-run check with every flow integrated by diffrax (the JAX backend)."""
+    names = ["gradient_flow", "modified_loss", "modified_second_order"]
+    study = flowlab.parse_study({
+        "study": {"name": "tiny_dfx", "dtype": "float64", "device": "cpu"},
+        "model": {"name": "mlp", "widths": [4], "activation": "tanh"},
+        "data": {"name": "gaussian_mixture", "n": 32, "dim": 3, "classes": 3},
+        "loss": {"name": "cross_entropy"},
+        "optimizer": {"lr": 0.1, "steps": 1, "weight_decay": 1e-3},
+        "flows": [{"name": n, "integrator": "diffrax:Dopri5", "rtol": 1e-8, "label": n} for n in names],
+    })
+    ds = measure_orders(study, [0.2, 0.1, 0.05], horizon=1.0)
+    _check(ds, names)
+
+
+@pytest.mark.slow
+def test_orders_on_the_tanh_study_all_flows_with_diffrax():
+    """The acceptance check reproduced on the JAX backend: studies/orders_tanh_diffrax.toml (the same
+    model, data and discrete runs as orders_tanh.toml, every flow a diffrax:Dopri5 session)."""
+    study = flowlab.load_study(ROOT / "studies" / "orders_tanh_diffrax.toml")
+    assert {f.integrator for f in study.flows} == {"diffrax:Dopri5"}
+    ds = measure_orders(study, [0.1, 0.05, 0.025, 0.0125], horizon=2.0, momentum=0.5)
+    table = _check(ds, EXPECTED)
+    print(table)
+    assert np.all(ds.margin.values >= 100)

@@ -318,6 +318,8 @@ def test_bad_options_are_rejected_by_name():
         make_integrator("diffrax:Dopri5", options={"land": "sometimes"})
     with pytest.raises(FlowlabError, match="unknown option"):
         make_integrator("diffrax:Dopri5", options={"max_step": 3})
+    with pytest.raises(FlowlabError, match="integrator_options.conv.*'fft'.*auto, lax, im2col"):
+        make_integrator("diffrax:Dopri5", options={"conv": "fft"})
     with pytest.raises(FlowlabError, match="known: .*diffrax:Dopri5"):
         make_integrator("diffrax:dopri5")
 

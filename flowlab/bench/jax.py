@@ -175,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
 
+    dt = args.dt or args.lr / 2
+    solver = f"Dopri5 rtol {args.rtol:g}" if args.solver == "adaptive" else f"RK4 (3/8) dt {dt:g}"
     print(f"# flowlab.bench jax — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"jax {jax.__version__}, single-threaded; flow {args.flow}, "
-          f"{'Dopri5 rtol %g' % args.rtol if args.solver == 'adaptive' else 'RK4 (3/8) dt %g' % (args.dt or args.lr / 2)}, {args.dtype}, "
+          f"{solver}, {args.dtype}, "
           f"{args.intervals} recording intervals of η = {args.lr:g}")
     rows = [bench_model(k, args.flow, args.rtol, args.dtype, args.intervals, args.lr, args.repeats,
                         solver=args.solver, dt=args.dt) for k in keys]

@@ -61,7 +61,9 @@ class DiffraxIntegrator(Integrator):
     ``land`` (auto | interpolate | exact); PID controller ``pcoeff``, ``icoeff``, ``dcoeff``,
     ``safety``, ``factormin``, ``factormax``, ``dtmin``, ``dtmax``; ``first_step`` (initial step; by
     default diffrax's heuristic); JAX ``device`` (auto | cpu | gpu), ``chunk_size``, ``precision``
-    (highest | high | default); for implicit solvers ``linear_solver`` (lu | gmres) and
+    (highest | high | default), ``conv`` (auto | lax | im2col: how convolutions are computed; auto
+    takes im2col matrix products on CPU, where XLA runs lax convolutions inside the kernel's loop
+    10-35x slower); for implicit solvers ``linear_solver`` (lu | gmres) and
     ``root_find_max_steps``.
     """
 
@@ -73,7 +75,8 @@ class DiffraxIntegrator(Integrator):
                  pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, safety: float = 0.9,
                  factormin: float = 0.2, factormax: float = 10.0, dtmin: float | None = None,
                  dtmax: float | None = None, device: str = "auto", chunk_size: int | None = None,
-                 precision: str = "highest", linear_solver: str = "lu", root_find_max_steps: int = 10):
+                 precision: str = "highest", conv: str = "auto", linear_solver: str = "lu",
+                 root_find_max_steps: int = 10):
         adaptive_capable, implicit, default_land, _ = SOLVERS[self.solver]
         for field, value in (("flows.rtol", rtol), ("flows.atol", atol), ("flows.dt", dt),
                              ("flows.integrator_options.first_step", first_step),
@@ -86,6 +89,8 @@ class DiffraxIntegrator(Integrator):
             raise ConfigError("flows.integrator_options.max_steps", max_steps, "expected a positive integer")
         if land not in LANDINGS:
             raise ConfigError("flows.integrator_options.land", land, f"allowed: {', '.join(LANDINGS)}")
+        if conv not in ("auto", "lax", "im2col"):
+            raise ConfigError("flows.integrator_options.conv", conv, "allowed: auto, lax, im2col")
         if linear_solver not in LINEAR_SOLVERS:
             raise ConfigError("flows.integrator_options.linear_solver", linear_solver,
                               f"allowed: {', '.join(LINEAR_SOLVERS)}")
@@ -97,7 +102,7 @@ class DiffraxIntegrator(Integrator):
         self.first_step = first_step if first_step is not None else (dt if self.kind == "adaptive" else None)
         self.controller_options = {"pcoeff": pcoeff, "icoeff": icoeff, "dcoeff": dcoeff, "safety": safety,
                                    "factormin": factormin, "factormax": factormax, "dtmin": dtmin, "dtmax": dtmax}
-        self.jax_options = {"device": device, "chunk_size": chunk_size, "precision": precision}
+        self.jax_options = {"device": device, "chunk_size": chunk_size, "precision": precision, "conv": conv}
         self.linear_solver = linear_solver
         self.root_find_max_steps = int(root_find_max_steps)
         self._dt_factor = 1.0
