@@ -12,10 +12,11 @@ For each model (the MLP: widths 128-128 tanh on all 1797 digits; the narrow VGG-
 MNIST images) and the flow (gradient flow by default), from the same θ0 over the same recording
 times t_k = k·η (k = 1..intervals):
 
-- ``grad_ms``: one jit-compiled full-batch gradient (``JaxOps.grad``), median of ``--repeats``·5 calls;
+- ``grad_ms``: one jit-compiled full-batch gradient (``JaxOps.grad``), median of 5 calls measured
+  before the runs and again right before each run;
 - ``diffrax``: a ``diffrax:Dopri5`` session advanced interval by interval exactly as a flowlab run
   does (compiled beforehand by a first session; wall time of a fresh session, median of repeats),
-  with its nfe, and ``ratio = wall ÷ (nfe × grad time)`` — the integrator's own overhead (1.00 means
+  with its nfe, and ``ratio = wall ÷ (nfe × grad time)`` (per run, median over runs) — the integrator's own overhead (1.00 means
   all time is in the vector field) — for the gradient flow the field is one gradient (for other
   flows the denominator is nfe × one jit vector-field evaluation);
 - ``torchdiffeq``: ``torchdiffeq:dopri5`` at the same tolerances on the torch Problem, its wall time
@@ -119,7 +120,15 @@ def bench_model(key: str, flow_name: str, rtol: float, dtype: str, intervals: in
 
     _session_run(jx, flow, ops, hp, state_t, times[:1])  # compiles the kernel
     compile_s = jx.stats["compile_seconds"]
-    runs = [_session_run(jx, flow, ops, hp, state_t, times) for _ in range(repeats)]
+    # the unit is re-measured right before each run (a shared machine drifts): ratio per run, median
+    runs, ratios, units = [], [], [unit_s]
+    for _ in range(repeats):
+        u = _median_time(lambda: jax.block_until_ready(unit_fn(theta)), 5)
+        r = _session_run(jx, flow, ops, hp, state_t, times)
+        runs.append(r)
+        units.append(u)
+        ratios.append(r[0] / (r[1].nfe * u))
+    unit_s = statistics.median(units)
     dx_wall = statistics.median(r[0] for r in runs)
     dx_session = runs[-1][1]
     assert jx.stats["compile_seconds"] == compile_s, "the kernel was compiled again"
@@ -138,7 +147,7 @@ def bench_model(key: str, flow_name: str, rtol: float, dtype: str, intervals: in
         "flow": flow_name, "solver": f"{dx_name} / {td_name}", "rtol": rtol, "atol": atol, "dt": opts["dt"], "intervals": intervals, "lr": lr, "unit": unit,
         "unit_ms": unit_s * 1e3, "compile_s": compile_s,
         "diffrax_s": dx_wall, "diffrax_nfe": dx_session.nfe, "diffrax_steps": dx_session.steps,
-        "diffrax_rejected": dx_session.rejected, "ratio": dx_wall / (dx_session.nfe * unit_s),
+        "diffrax_rejected": dx_session.rejected, "ratio": statistics.median(ratios),
         "torchdiffeq_s": td_wall, "torchdiffeq_nfe": td_session.nfe,
         "diffrax_over_torchdiffeq": dx_wall / td_wall, "theta_gap": gap,
     }

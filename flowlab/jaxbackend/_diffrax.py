@@ -305,6 +305,7 @@ class DiffraxSession:
         y0 = tuple(self._as_jax(s) for s in state)
         self.kernel = kernel_for(integ, flow, ops, hp, y0)
         self.tdtype = self.kernel.tdtype
+        self._np_tdtype = np.dtype(self.tdtype)
         dtype_name = jnp.dtype(y0[0].dtype).name
         self.rtol, self.atol = integ.tols(dtype_name)
         self.dt = (integ.dt if integ.dt is not None else hp.lr / integ._dt_factor) if self.kernel.fixed else None
@@ -322,7 +323,7 @@ class DiffraxSession:
         return jnp.asarray(s, dtype=self.ops.dtype)
 
     def _t(self, x: float) -> Any:
-        return jnp.asarray(x, self.tdtype)
+        return np.asarray(x, self._np_tdtype)  # a host scalar: no device op per argument
 
     def _call(self, which: str, *args: Any) -> Any:
         c0, t0 = self.kernel.compile_seconds, sum(self.kernel.traces.values())
@@ -334,9 +335,10 @@ class DiffraxSession:
     def _counts_start(self) -> int:
         return self.kernel.counter.n if self.kernel.counter is not None else 0
 
-    def _sync_counts(self, counter_before: int) -> None:
-        nfe, acc, rej = (int(x) for x in jax.device_get((self.carry["nfe"], self.carry["accepted"],
-                                                         self.carry["rejected"])))
+    def _sync_counts(self, counter_before: int, counts: tuple | None = None) -> None:
+        if counts is None:
+            counts = jax.device_get((self.carry["nfe"], self.carry["accepted"], self.carry["rejected"]))
+        nfe, acc, rej = (int(x) for x in counts)
         if self.kernel.counter is not None:
             jax.effects_barrier()
             nfe = self.nfe + (self.kernel.counter.n - counter_before)
@@ -360,9 +362,11 @@ class DiffraxSession:
         else:
             self.carry, y, finite = self._call("advance", self.carry, self._t(t1), self._t(self.rtol),
                                                self._t(self.atol))
-        self._sync_counts(before)
-        code, stop, tprev, finite = jax.device_get((self.carry["result"]._value, self.carry["stop"],
-                                                    self.carry["tprev"], finite))
+        # one transfer back per interval: the counts and the few scalars that say how it went
+        nfe, acc, rej, code, stop, tprev, finite = jax.device_get((
+            self.carry["nfe"], self.carry["accepted"], self.carry["rejected"], self.carry["result"]._value,
+            self.carry["stop"], self.carry["tprev"], finite))
+        self._sync_counts(before, (nfe, acc, rej))
         if int(code) != 0 or int(stop) != 0:
             reached = min(float(tprev), t1)
             self.t = reached
