@@ -282,13 +282,15 @@ class ProjectionRecorder(Recorder):
         R = torch.randn(self.count, p.dim, generator=gen, dtype=torch.float64) / math.sqrt(p.dim)
         self.R = R.to(device=p.device, dtype=p.dtype)
         width = max(1, min(256, self.ring_bytes // max(1, p.dim * p.theta0.element_size())))
-        self.ring = torch.empty(p.dim, width, dtype=p.dtype, device=p.device)
+        # one row per pending θ: each record is one contiguous copy (a column of a (dim, width) ring
+        # would write every parameter to its own cache line)
+        self.ring = torch.empty(width, p.dim, dtype=p.dtype, device=p.device)
         self.pending: list[tuple[int, int]] = []
 
     def record(self, rows: Rows, point: Point) -> None:
-        self.ring[:, len(self.pending)] = point.theta
+        self.ring[len(self.pending)] = point.theta
         self.pending.append((point.index, rows.row))
-        if len(self.pending) == self.ring.shape[1]:
+        if len(self.pending) == self.ring.shape[0]:
             self._drain(rows)
 
     def before_flush(self, rows: Rows) -> None:
@@ -298,7 +300,7 @@ class ProjectionRecorder(Recorder):
         if not self.pending:
             return
         n = len(self.pending)
-        values = self.R @ self.ring[:, :n]  # (count, n)
+        values = (self.ring[:n] @ self.R.T).T  # (count, n)
         idx_m = torch.tensor([m for m, _ in self.pending], device=values.device)
         idx_r = torch.tensor([r for _, r in self.pending], device=values.device)
         rows.data["projection"][idx_m, idx_r] = values.T.to(rows.data["projection"].dtype)
