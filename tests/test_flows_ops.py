@@ -155,3 +155,41 @@ def test_two_ops_on_one_problem_never_mix_their_kept_state():
     _, g2 = b.loss_and_grad(th2)  # reloads θ2 into the module: a's kept passes are stale now
     torch.testing.assert_close(a.hvp(th1, g1), plain.hvp(th1, g1), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.hvp(th2, g2), plain.hvp(th2, g2), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8", "adaptive_heun"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_stage_solver_takes_torchdiffeqs_steps(method, dtype):
+    """flowlab's torchdiffeq sessions keep the RK stages as contiguous rows (faster sums): the same
+    method, summed in another order.  Where the error estimates are far above round-off (dopri5,
+    bosh3, adaptive_heun here) it takes torchdiffeq's own steps and lands on its states to
+    round-off; a high-order method whose error estimate is near round-off (dopri8 at rtol 1e-7 in
+    float64) may pick slightly different steps, so there both must agree to their tolerance."""
+    from torchdiffeq._impl.misc import _check_inputs
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    from flowlab.flows.integrators import _rows_solver
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 40, generator=g, dtype=dtype) / 40 ** 0.5
+    y0 = torch.randn(40, generator=g, dtype=dtype)
+    t = torch.tensor([0.0, 0.7, 1.5, 3.0], dtype=torch.float64)
+    rtol = 1e-7 if dtype == torch.float64 else 1e-4
+    calls = {}
+
+    def solve(tag, wrap):
+        def f(t_, y):
+            calls[tag] = calls.get(tag, 0) + 1
+            return -torch.tanh(W @ y) - 0.1 * y
+
+        _, func, y, tt, rt, at, m, options, _, _ = _check_inputs(f, y0, t, rtol, rtol / 100, method, {}, None, SOLVERS)
+        return wrap(SOLVERS[m])(func=func, y0=y, rtol=rt, atol=at, **options).integrate(tt)
+
+    ref = solve("torchdiffeq", lambda cls: cls)
+    got = solve("rows", _rows_solver)
+    gap = float((got - ref).abs().max() / ref.abs().max())
+    if method == "dopri8":
+        assert gap <= 10 * rtol and calls["rows"] > 20
+    else:
+        assert calls["rows"] == calls["torchdiffeq"] > 20
+        assert gap <= 1e3 * torch.finfo(dtype).eps

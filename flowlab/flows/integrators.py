@@ -85,6 +85,65 @@ def _torchdiffeq():
     return _odeint_mod
 
 
+def _rows_rk_step(func, y0, f0, t0, dt, t1, tableau):
+    """torchdiffeq's ``_runge_kutta_step`` with the stages stored as contiguous ROWS (stages, m).
+
+    torchdiffeq keeps them as the last axis of an (m, stages) tensor and forms every stage as
+    ``torch.sum(k[..., :i+1] * (β_i dt), dim=-1)``: a reduction along a strided axis of length ≤ 7,
+    ~0.2 ms for m = 26k on this CPU, nine times a step.  The same sums as ``addmv`` over contiguous
+    rows take ~0.02 ms.  Same tableau, same stage times and perturbations, the same arithmetic up to
+    the order of the additions (round-off)."""
+    t_dtype = y0.abs().dtype
+    t0, dt, t1 = t0.to(t_dtype), dt.to(t_dtype), t1.to(t_dtype)
+    k = torch.empty(len(tableau.alpha) + 1, y0.numel(), dtype=y0.dtype, device=y0.device)
+    k[0] = f0
+    yi = y0
+    for i, (alpha_i, beta_i) in enumerate(zip(tableau.alpha, tableau.beta)):
+        if alpha_i == 1.0:
+            ti, perturb = t1, _Perturb.PREV  # just before the end time, in case of discontinuities
+        else:
+            ti, perturb = t0 + alpha_i * dt, _Perturb.NONE
+        yi = torch.addmv(y0, k[:i + 1].T, beta_i * dt)
+        k[i + 1] = func(ti, yi, perturb=perturb)
+    if not (tableau.c_sol[-1] == 0 and (tableau.c_sol[:-1] == tableau.beta[-1]).all()):
+        yi = torch.addmv(y0, k.T, dt * tableau.c_sol)
+    return yi, k[-1], torch.mv(k.T, dt * tableau.c_error), k
+
+
+_Perturb = None
+_ROWS_SOLVERS: dict[type, type] = {}
+
+
+def _rows_solver(cls: type) -> type:
+    """``cls`` (a torchdiffeq adaptive RK solver) whose steps use :func:`_rows_rk_step`: its
+    ``_adaptive_step`` is torchdiffeq's own code, run with ``_runge_kutta_step`` bound to ours (no
+    global patching: other torchdiffeq users in the process are untouched); ``_interp_fit`` reads
+    the stage rows."""
+    from torchdiffeq._impl import rk_common
+
+    base_cls = rk_common.RKAdaptiveStepsizeODESolver
+    if not (issubclass(cls, base_cls) and cls._adaptive_step is base_cls._adaptive_step
+            and cls._interp_fit is base_cls._interp_fit):
+        return cls  # a solver with its own stepping or interpolation keeps torchdiffeq's code
+    if cls not in _ROWS_SOLVERS:
+        import types
+
+        from torchdiffeq._impl.misc import Perturb
+
+        global _Perturb
+        _Perturb = Perturb
+        base = rk_common.RKAdaptiveStepsizeODESolver._adaptive_step
+        step = types.FunctionType(base.__code__, {**rk_common.__dict__, "_runge_kutta_step": _rows_rk_step},
+                                  base.__name__, base.__defaults__, base.__closure__)
+
+        def _interp_fit(self, y0, y1, k, dt):
+            dt = dt.type_as(y0)
+            return rk_common._interp_fit(y0, y1, torch.addmv(y0, k.T, dt * self.mid), k[0], k[-1], dt)
+
+        _ROWS_SOLVERS[cls] = type(f"Rows{cls.__name__}", (cls,), {"_adaptive_step": step, "_interp_fit": _interp_fit})
+    return _ROWS_SOLVERS[cls]
+
+
 class TorchdiffeqIntegrator(Integrator):
     """A torchdiffeq method: adaptive ones take rtol/atol (defaults 1e-7/1e-9 in float64, 1e-5/1e-7
     in float32), fixed-grid ones need ``dt``.  Options: ``max_steps`` (per recording interval) and
@@ -181,7 +240,10 @@ class _TorchdiffeqSession:
             counter.steps += 1
 
         func.callback_accept_step = on_accept
-        self.solver = mod.SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
+        cls = mod.SOLVERS[method]
+        if y0.dim() == 1:
+            cls = _rows_solver(cls)  # flat state: the stages as contiguous rows (same steps, faster sums)
+        self.solver = cls(func=func, y0=y0, rtol=rtol, atol=atol, **options)
         try:
             with torch.no_grad():
                 self.solver._before_integrate(t)
