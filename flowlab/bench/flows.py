@@ -7,8 +7,9 @@ by ``flowlab:rk4``, on the narrow VGG-16 (batch 256 of 3×32×32, float32) and o
 64-128-128-10 over the whole digits set (1797 examples, float32); printed: time ÷ (nfe × raw grad
 time), where the raw grad time is a plain ``loss.backward()`` on an ``nn.Module`` copy of the model,
 same batch.  Target ≤ 1.05 (on the VGG, where the gradient's FLOPs dominate; on the MLP a gradient
-costs ~5 ms and torchdiffeq's per-step arithmetic on the 26k-vector — stages stored as one
-(m, 7) tensor, strided sums — shows as a few per cent).
+costs ~5 ms and the solver's per-step arithmetic on the 26k-vector shows as a few per cent;
+flowlab's torchdiffeq sessions keep the stages as contiguous rows — torchdiffeq's own (m, 7)
+layout with strided sums cost ~2.5 ms per dopri5 step here, 1.23 → 1.11 after the change).
 
 ``hvp``: H v ÷ raw grad time on the narrow VGG-16 (batch 256 of 3×32×32, float32, CPU) and on the
 MLP: torch's double backward (``Problem`` method ``double_backward``), forward-over-reverse
