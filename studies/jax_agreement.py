@@ -91,18 +91,6 @@ def twin_gaps(p) -> tuple[float, float, float]:
     return rel(float(lj), float(lt)), rel(np.asarray(gj), gt.numpy()), rel(np.asarray(hj), ht.numpy())
 
 
-def trajectory(integ, flow, p, hp, scale: float = 1.0):
-    ops = integ.make_ops(p)
-    with torch.no_grad():
-        s0 = tuple(flow.initial_state(p.theta0.clone(), ops, hp))
-    session = integ.start(flow, ops, hp, 0.0, s0)
-    out = []
-    for t in TIMES:
-        session.advance(t * scale)
-        out.append(integ.to_torch(flow.theta(session.state), p.theta0).detach().clone())
-    return torch.stack(out), session
-
-
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
 
@@ -124,8 +112,9 @@ def flow_gap(p, name: str, pair: tuple[str, str], scale: float = 1.0, **opts) ->
     hp = Hyper(lr=hp.lr * scale, weight_decay=hp.weight_decay, momentum=hp.momentum)
     if "dt" in opts:
         opts = dict(opts, dt=opts["dt"] * scale)
-    a, sa = trajectory(make_integrator(pair[0], **opts), flow, p, hp, scale)
-    b, sb = trajectory(make_integrator(pair[1], **opts), flow, p, hp, scale)
+    times = [t * scale for t in TIMES]
+    a, sa = make_integrator(pair[0], **opts).trajectory(flow, p, hp, times)
+    b, sb = make_integrator(pair[1], **opts).trajectory(flow, p, hp, times)
     return max_rel(b, a), sa.nfe, sb.nfe
 
 

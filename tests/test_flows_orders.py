@@ -57,18 +57,26 @@ def test_orders_on_a_quadratic_all_flows():
     assert np.all(ds.beta.values == 0.5)
 
 
-def test_orders_on_a_small_tanh_network():
-    """The default-run check on a real (tiny) network: the η-expansion flows with a third
-    derivative and the second-order momentum flow."""
-    study = flowlab.parse_study({
+TINY_FLOWS = ["gradient_flow", "modified_loss", "modified_second_order"]
+
+
+def _tiny_tanh_study(flows=None):
+    """A 1-hidden-layer tanh net (4 units) on 32 points of a Gaussian mixture, full batch, float64."""
+    return flowlab.parse_study({
         "study": {"name": "tiny", "dtype": "float64", "device": "cpu"},
         "model": {"name": "mlp", "widths": [4], "activation": "tanh"},
         "data": {"name": "gaussian_mixture", "n": 32, "dim": 3, "classes": 3},
         "loss": {"name": "cross_entropy"},
         "optimizer": {"lr": 0.1, "steps": 1, "weight_decay": 1e-3},
+        "flows": flows or [],
     })
-    names = ["gradient_flow", "modified_loss", "modified_second_order"]
-    ds = measure_orders(study, [0.2, 0.1, 0.05], horizon=1.0, flows=names, rtol=1e-8)
+
+
+def test_orders_on_a_small_tanh_network():
+    """The default-run check on a real (tiny) network: the η-expansion flows with a third
+    derivative and the second-order momentum flow."""
+    ds = measure_orders(_tiny_tanh_study(), [0.2, 0.1, 0.05], horizon=1.0, flows=TINY_FLOWS, rtol=1e-8)
+    names = TINY_FLOWS
     _check(ds, names)
     # function space tells the same story
     for i in range(len(names)):
@@ -104,17 +112,9 @@ def test_orders_on_the_tanh_study_all_flows():
 
 def test_orders_on_a_small_tanh_network_with_diffrax():
     """The same default-run check with every flow integrated by diffrax (the JAX backend)."""
-    names = ["gradient_flow", "modified_loss", "modified_second_order"]
-    study = flowlab.parse_study({
-        "study": {"name": "tiny_dfx", "dtype": "float64", "device": "cpu"},
-        "model": {"name": "mlp", "widths": [4], "activation": "tanh"},
-        "data": {"name": "gaussian_mixture", "n": 32, "dim": 3, "classes": 3},
-        "loss": {"name": "cross_entropy"},
-        "optimizer": {"lr": 0.1, "steps": 1, "weight_decay": 1e-3},
-        "flows": [{"name": n, "integrator": "diffrax:Dopri5", "rtol": 1e-8, "label": n} for n in names],
-    })
+    study = _tiny_tanh_study([{"name": n, "integrator": "diffrax:Dopri5", "rtol": 1e-8, "label": n} for n in TINY_FLOWS])
     ds = measure_orders(study, [0.2, 0.1, 0.05], horizon=1.0)
-    _check(ds, names)
+    _check(ds, TINY_FLOWS)
 
 
 @pytest.mark.slow

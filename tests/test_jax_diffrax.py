@@ -37,19 +37,6 @@ def hp_for(flow) -> Hyper:
     return HP[getattr(flow, "discrete", "gd")]
 
 
-def trajectory(integ, flow, p: Problem, hp: Hyper, times):
-    """θ at each time (torch), integrated interval by interval as the follower does."""
-    ops = integ.make_ops(p)
-    with torch.no_grad():
-        s0 = tuple(flow.initial_state(p.theta0.clone(), ops, hp))
-    session = integ.start(flow, ops, hp, 0.0, s0)
-    out = []
-    for t in times:
-        session.advance(t)
-        out.append(integ.to_torch(flow.theta(session.state), p.theta0).detach().clone())
-    return torch.stack(out), session
-
-
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
 
@@ -110,7 +97,7 @@ def check_closed_form(solver: str, names, rtol: float) -> None:
     for name in names:
         flow = FLOWS[name]
         exact = closed_form(flow, QUAD, times)
-        got, session = trajectory(make_integrator(f"diffrax:{solver}", rtol=rtol, atol=rtol * 1e-2), flow, QUAD,
+        got, session = make_integrator(f"diffrax:{solver}", rtol=rtol, atol=rtol * 1e-2).trajectory(flow, QUAD,
                                   hp_for(flow), times)
         err = np.abs(got.numpy() - exact).max() / np.abs(exact).max()
         assert err <= 1e3 * rtol, (solver, name, err)
@@ -135,7 +122,7 @@ def test_fixed_step_euler_is_first_order_on_the_quadratic():
     errs = []
     euler = make_integrator("diffrax:Euler", dt=0.02)
     for factor in (1, 2, 4):
-        got, s = trajectory(euler.tightened(factor), flow, QUAD, hp_for(flow), [0.5, 1.0])
+        got, s = euler.tightened(factor).trajectory(flow, QUAD, hp_for(flow), [0.5, 1.0])
         errs.append(np.abs(got[-1].numpy() - exact).max())
         assert s.nfe == s.steps == 50 * factor
     slopes = np.diff(np.log(errs)) / np.diff(np.log([0.02, 0.01, 0.005]))
@@ -154,8 +141,8 @@ def check_fixed_agreement(p: Problem, names, pairs=(("torchdiffeq:rk4", "diffrax
             flow = FLOWS[name]
             hp = hp_for(flow)
             hp = Hyper(lr=hp.lr * scale, weight_decay=hp.weight_decay, momentum=hp.momentum)
-            a, _ = trajectory(make_integrator(torch_name, dt=0.025 * scale), flow, p, hp, times)
-            b, sb = trajectory(make_integrator(jax_name, dt=0.025 * scale), flow, p, hp, times)
+            a, _ = make_integrator(torch_name, dt=0.025 * scale).trajectory(flow, p, hp, times)
+            b, sb = make_integrator(jax_name, dt=0.025 * scale).trajectory(flow, p, hp, times)
             assert max_rel(b, a) <= 1e-12, (torch_name, name, max_rel(b, a))
             assert sb.steps == 4 + 4 + 6 + 6  # ⌈Δt/dt⌉ equal steps per interval, landing on every time
 
@@ -167,8 +154,8 @@ def test_same_tableau_agrees_across_backends():
     check_fixed_agreement(MLP, ["modified_second_order", "momentum_second_order"])
     # control: the metric sees a change of tableau (classic RK4 vs the 3/8 rule) far above the bound
     flow = FLOWS["modified_second_order"]
-    a, _ = trajectory(make_integrator("flowlab:rk4", dt=0.025), flow, MLP, hp_for(flow), TIMES)
-    b, _ = trajectory(make_integrator("torchdiffeq:rk4", dt=0.025), flow, MLP, hp_for(flow), TIMES)
+    a, _ = make_integrator("flowlab:rk4", dt=0.025).trajectory(flow, MLP, hp_for(flow), TIMES)
+    b, _ = make_integrator("torchdiffeq:rk4", dt=0.025).trajectory(flow, MLP, hp_for(flow), TIMES)
     assert max_rel(b, a) > 1e-11
 
 
@@ -215,9 +202,9 @@ def test_every_flow_on_every_zoo_model_agrees_across_backends(model):
 def adaptive_gap(p: Problem, name: str, rtol: float, times, max_steps: int = 10_000, nfe: dict | None = None) -> float:
     flow = FLOWS[name]
     opts = {"max_steps": max_steps}
-    a, sa = trajectory(make_integrator("torchdiffeq:dopri5", rtol=rtol, atol=rtol * 1e-2, options=opts), flow, p,
+    a, sa = make_integrator("torchdiffeq:dopri5", rtol=rtol, atol=rtol * 1e-2, options=opts).trajectory(flow, p,
                        hp_for(flow), times)
-    b, sb = trajectory(make_integrator("diffrax:Dopri5", rtol=rtol, atol=rtol * 1e-2, options=opts), flow, p,
+    b, sb = make_integrator("diffrax:Dopri5", rtol=rtol, atol=rtol * 1e-2, options=opts).trajectory(flow, p,
                        hp_for(flow), times)
     if nfe is not None:
         nfe[rtol] = (sa.nfe, sb.nfe)
@@ -280,7 +267,7 @@ def test_evaluation_count_from_the_tableau_equals_the_run_time_count(solver):
         rtol = 1e-6 if solver == "Heun" else 1e-10
         integ = make_integrator(f"diffrax:{solver}", rtol=rtol, atol=rtol * 1e-2)
         integ.count_at_runtime = runtime  # a host callback in the field counts every evaluation
-        _, s = trajectory(integ, flow, QUAD, hp, times)
+        _, s = integ.trajectory(flow, QUAD, hp, times)
         counts.append((s.nfe, s.steps, s.rejected))
     assert counts[0] == counts[1] and counts[0][0] > 0
 
@@ -290,15 +277,15 @@ def test_compiled_once_per_study():
     flow, hp = FLOWS["gradient_flow"], HP["gd"]
     integ = make_integrator("diffrax:Dopri5", rtol=1e-10, atol=1e-12)
     times = np.cumsum([0.013, 0.2, 0.05, 0.31, 0.007, 0.1])
-    _, session = trajectory(integ, flow, MLP, hp, times)
+    _, session = integ.trajectory(flow, MLP, hp, times)
     assert session.kernel.traces == {"init": 1, "advance": 1}
-    trajectory(integ, flow, MLP, hp, times[:3] * 0.9)
-    trajectory(integ.tightened(10.0), flow, MLP, hp, times)
+    integ.trajectory(flow, MLP, hp, times[:3] * 0.9)
+    integ.tightened(10.0).trajectory(flow, MLP, hp, times)
     assert session.kernel.traces == {"init": 1, "advance": 1}
     fixed = make_integrator("diffrax:RK4_38", dt=0.025)
     flow, hp = FLOWS["momentum_second_order"], HP["heavy_ball"]
-    _, s2 = trajectory(fixed, flow, MLP, hp, times)  # ⌈Δt/dt⌉ differs per interval: a traced count
-    trajectory(fixed.tightened(2.0), flow, MLP, hp, times)
+    _, s2 = fixed.trajectory(flow, MLP, hp, times)  # ⌈Δt/dt⌉ differs per interval: a traced count
+    fixed.tightened(2.0).trajectory(flow, MLP, hp, times)
     assert s2.kernel.traces == {"init": 1, "advance": 1}
 
 
@@ -306,9 +293,9 @@ def test_blow_up_and_step_limits_stop_the_flow_with_a_reason():
     p = quadratic_problem(A=((-50.0, 0.0), (0.0, 1.0)))  # θ1 grows like e^{50t}
     flow, hp = FLOWS["gradient_flow"], Hyper(lr=0.1)
     with pytest.raises(FlowStopped, match=r"non-finite state|step size underflow|diffrax"):
-        trajectory(make_integrator("diffrax:Dopri5", rtol=1e-6), flow, p, hp, [5.0, 20.0, 40.0])
+        make_integrator("diffrax:Dopri5", rtol=1e-6).trajectory(flow, p, hp, [5.0, 20.0, 40.0])
     with pytest.raises(FlowStopped, match=r"stopped: more than max_steps=5 steps in one interval at t=0"):
-        trajectory(make_integrator("diffrax:Dopri5", rtol=1e-12, options={"max_steps": 5}), flow, QUAD, hp, [1.0])
+        make_integrator("diffrax:Dopri5", rtol=1e-12, options={"max_steps": 5}).trajectory(flow, QUAD, hp, [1.0])
 
 
 def test_bad_options_are_rejected_by_name():

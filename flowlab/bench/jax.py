@@ -13,7 +13,7 @@ MNIST images) and the flow (gradient flow by default), from the same θ0 over th
 times t_k = k·η (k = 1..intervals):
 
 - ``grad_ms``: one jit-compiled full-batch gradient (``JaxOps.grad``), median of 5 calls measured
-  before the runs and again right before each run;
+  right before each run (median over runs);
 - ``diffrax``: a ``diffrax:Dopri5`` session advanced interval by interval exactly as a flowlab run
   does (compiled beforehand by a first session; wall time of a fresh session, median of repeats),
   with its nfe, and ``ratio = wall ÷ (nfe × grad time)`` (per run, median over runs) — the integrator's own overhead (1.00 means
@@ -116,12 +116,11 @@ def bench_model(key: str, flow_name: str, rtol: float, dtype: str, intervals: in
         unit_fn = lambda _th: field(state_j)  # noqa: E731
         unit = "field"
     jax.block_until_ready(unit_fn(theta))  # compile
-    unit_s = _median_time(lambda: jax.block_until_ready(unit_fn(theta)), 5 * repeats)
 
     _session_run(jx, flow, ops, hp, state_t, times[:1])  # compiles the kernel
     compile_s = jx.stats["compile_seconds"]
     # the unit is re-measured right before each run (a shared machine drifts): ratio per run, median
-    runs, ratios, units = [], [], [unit_s]
+    runs, ratios, units = [], [], []
     for _ in range(repeats):
         u = _median_time(lambda: jax.block_until_ready(unit_fn(theta)), 5)
         r = _session_run(jx, flow, ops, hp, state_t, times)

@@ -173,6 +173,22 @@ class Integrator:
         """θ from a session's state as a torch tensor like ``like`` (identity for torch)."""
         return theta
 
+    def trajectory(self, flow: Flow, problem: Any, hp: Hyper, times: Any) -> tuple[Any, Session]:
+        """Integrate ``flow`` on ``problem`` from its θ0, interval by interval up to each of ``times``
+        (as a run's follower does, without the run): θ at each time stacked as a torch tensor
+        (len(times), m), and the session (``nfe``, ``steps``, ...)."""
+        import torch
+
+        ops = self.make_ops(problem)
+        with torch.no_grad():
+            state = tuple(flow.initial_state(problem.theta0.clone(), ops, hp))
+        session = self.start(flow, ops, hp, 0.0, state)
+        out = []
+        for t in times:
+            session.advance(float(t))
+            out.append(self.to_torch(flow.theta(session.state), problem.theta0).detach().clone())
+        return torch.stack(out), session
+
     def tightened(self, factor: float = 10.0) -> Integrator:
         """A copy with tolerances (adaptive) or step (fixed) tighter by ``factor`` (for reference
         solutions checked by tightening)."""

@@ -19,6 +19,7 @@ networks (tanh, GELU, softplus) integrate to rtol 1e-10 without trouble.
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import torch
@@ -93,6 +94,8 @@ def _rows_rk_step(func, y0, f0, t0, dt, t1, tableau):
     ~0.2 ms for m = 26k on this CPU, nine times a step.  The same sums as ``addmv`` over contiguous
     rows take ~0.02 ms.  Same tableau, same stage times and perturbations, the same arithmetic up to
     the order of the additions (round-off)."""
+    from torchdiffeq._impl.misc import Perturb  # once per step; torchdiffeq is imported lazily
+
     t_dtype = y0.abs().dtype
     t0, dt, t1 = t0.to(t_dtype), dt.to(t_dtype), t1.to(t_dtype)
     k = torch.empty(len(tableau.alpha) + 1, y0.numel(), dtype=y0.dtype, device=y0.device)
@@ -100,9 +103,9 @@ def _rows_rk_step(func, y0, f0, t0, dt, t1, tableau):
     yi = y0
     for i, (alpha_i, beta_i) in enumerate(zip(tableau.alpha, tableau.beta)):
         if alpha_i == 1.0:
-            ti, perturb = t1, _Perturb.PREV  # just before the end time, in case of discontinuities
+            ti, perturb = t1, Perturb.PREV  # just before the end time, in case of discontinuities
         else:
-            ti, perturb = t0 + alpha_i * dt, _Perturb.NONE
+            ti, perturb = t0 + alpha_i * dt, Perturb.NONE
         yi = torch.addmv(y0, k[:i + 1].T, beta_i * dt)
         k[i + 1] = func(ti, yi, perturb=perturb)
     if not (tableau.c_sol[-1] == 0 and (tableau.c_sol[:-1] == tableau.beta[-1]).all()):
@@ -110,7 +113,6 @@ def _rows_rk_step(func, y0, f0, t0, dt, t1, tableau):
     return yi, k[-1], torch.mv(k.T, dt * tableau.c_error), k
 
 
-_Perturb = None
 _ROWS_SOLVERS: dict[type, type] = {}
 
 
@@ -126,13 +128,7 @@ def _rows_solver(cls: type) -> type:
             and cls._interp_fit is base_cls._interp_fit):
         return cls  # a solver with its own stepping or interpolation keeps torchdiffeq's code
     if cls not in _ROWS_SOLVERS:
-        import types
-
-        from torchdiffeq._impl.misc import Perturb
-
-        global _Perturb
-        _Perturb = Perturb
-        base = rk_common.RKAdaptiveStepsizeODESolver._adaptive_step
+        base = base_cls._adaptive_step
         step = types.FunctionType(base.__code__, {**rk_common.__dict__, "_runge_kutta_step": _rows_rk_step},
                                   base.__name__, base.__defaults__, base.__closure__)
 
