@@ -14,9 +14,11 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .build import Built, build  # noqa: E402
 from .config import Study, load_study, parse_study  # noqa: E402
 from .data import DATASETS, Data  # noqa: E402
+from .engine import Clock, LockStep  # noqa: E402
 from .errors import ConfigError, FlowlabError  # noqa: E402
 from .losses import LOSSES  # noqa: E402
 from .models import MODELS  # noqa: E402
+from .parts import Command, Contribution, Part, Parts, ReportRequest, Section, Setup, default_parts, discover  # noqa: E402
 from .problem import ParamLayout, Problem  # noqa: E402
 from .recording import Point, Recorder, Rows, RunContext, StepInfo, Variable  # noqa: E402
 from .runner import Run, run  # noqa: E402
@@ -25,23 +27,14 @@ from .sgd import BatchSampler, DiscreteSGD  # noqa: E402
 from .store import export_netcdf, open_result  # noqa: E402
 
 __all__ = [
-    "DATASETS", "LOSSES", "MODELS", "SCHEDULES", "BatchSampler", "Built", "ConfigError", "Data", "DiscreteSGD",
-    "FlowlabError", "ParamLayout", "Point", "Problem", "Recorder", "Rows", "Run", "RunContext", "StepInfo",
-    "Study", "Variable", "build", "export_netcdf", "load_study", "open_result", "parse_study", "run",
+    "DATASETS", "LOSSES", "MODELS", "SCHEDULES", "BatchSampler", "Built", "Clock", "Command", "ConfigError",
+    "Contribution", "Data", "DiscreteSGD", "FlowlabError", "LockStep", "ParamLayout", "Part", "Parts", "Point",
+    "Problem", "Recorder", "ReportRequest", "Rows", "Run", "RunContext", "Section", "Setup", "StepInfo", "Study",
+    "Variable", "build", "default_parts", "discover", "export_netcdf", "load_study", "open_result", "parse_study",
+    "registries", "run",
 ]
 
 
-REGISTRIES: dict = {"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "schedules": SCHEDULES}
-
-
-def register_registry(title: str, registry) -> None:
-    """Plugins add their registries (flows, integrators, ...) so `flowlab list` shows them."""
-    REGISTRIES[title] = registry
-
-
 def registries() -> dict:
-    """Every registry by title (what ``flowlab list`` prints)."""
-    from .plugins import load_plugins
-
-    load_plugins()
-    return dict(REGISTRIES)
+    """Every registry of this installation's parts by title (what ``flowlab list`` prints)."""
+    return dict(default_parts().registries)

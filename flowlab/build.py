@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 from .config import Study
-from .data import DATASETS, Data, as_data
+from .data import Data, as_data
 from .errors import ConfigError
-from .losses import LOSSES
-from .models import MODELS
 from .problem import Problem, resolve_device, resolve_dtype
 from .registry import call_with_options
 from .schedules import build_schedule
@@ -31,7 +29,7 @@ class Built:
 
 
 def build_data(study: Study, input_shape: tuple[int, ...] | None = None) -> Data:
-    fn = DATASETS.resolve(study.data.name, "data.name")
+    fn = study.registry("datasets").resolve(study.data.name, "data.name")
     torch.manual_seed(study.study.seed)
     injected = {"input_shape": input_shape} if input_shape is not None else {}
     obj = call_with_options(fn, study.data.options, "data", **injected)
@@ -41,7 +39,7 @@ def build_data(study: Study, input_shape: tuple[int, ...] | None = None) -> Data
 
 
 def build_model(study: Study, data: Data) -> nn.Module:
-    fn = MODELS.resolve(study.model.name, "model.name")
+    fn = study.registry("models").resolve(study.model.name, "model.name")
     torch.manual_seed(study.study.seed)
     # built as a user would (default dtype, seeded), then cast: `net().double()` gives the same θ0
     module = call_with_options(fn, study.model.options, "model", input_shape=data.input_shape,
@@ -90,7 +88,7 @@ def build(study: Study) -> Built:
     # quadratic-style models carry their own input size; data may be inferred from the model
     data = build_data(study, input_shape=_model_dim(study))
     module = build_model(study, data)
-    loss_fn = LOSSES.resolve(study.loss.name, "loss.name")
+    loss_fn = study.registry("losses").resolve(study.loss.name, "loss.name")
     module = module.to(dtype)
     data_t = data.to("cpu", dtype)
     check_fit(module, data_t, study.loss.name, loss_fn)
@@ -100,7 +98,7 @@ def build(study: Study) -> Built:
     problem = Problem(module, loss_fn, data, dtype=dtype, device=device, chunk_size=study.data.chunk_size,
                       hvp=study.loss.hvp)
     problem.model_name = model_fn_name
-    lrs = build_schedule(opt.schedule.name, opt.lr, dict(opt.schedule.options), opt.steps)
+    lrs = build_schedule(opt.schedule.name, opt.lr, dict(opt.schedule.options), opt.steps, study.registry("schedules"))
     return Built(study, problem, lrs)
 
 

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import FlowlabError
+from .parts import Command, Parts, default_parts
 
 EXIT_BAD_INPUT = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's own code too)
-        self.exit(EXIT_BAD_INPUT, f"flowlab: error: {message} (see flowlab {self.prog.split()[-1]} --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"flowlab: error: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_study
     from .runner import Run, default_out
 
-    study = load_study(args.study, args.set or ())
+    study = load_study(args.study, args.set or (), args.parts)
     out = Path(args.out) if args.out else default_out(study)
     runner = Run(study, out, overwrite=args.overwrite, progress=not args.quiet)
     try:
@@ -34,21 +35,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(ds, out: Path) -> None:
+    console = _console()
+    _summary_table(ds, console)
+    console.print(f"written to {out}/trajectory.zarr  (open with flowlab.open_result({str(out)!r}))", soft_wrap=True)
+
+
+def _console():
     from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no truncated labels
+
+
+def _summary_table(ds, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{ds.attrs.get('study_name', '')}: {ds.sizes['time']} records, t = {float(ds.time[-1]):.4g}")
-    for col in ("method", "status", "final loss", "max distance", "grad evals", "wall s"):
-        table.add_column(col, justify="left" if col in ("method", "status") else "right")
-    for i, m in enumerate(ds.method.values):
-        loss = ds.loss.isel(method=i).values
-        dist = ds.distance.isel(method=i).values
+    t_end = float(ds.time[-1]) if ds.sizes.get("time", 0) else 0.0
+    table = Table(title=f"{ds.attrs.get('study_name', '')}: {ds.sizes.get('time', 0)} records, t = {t_end:.4g}")
+    for col in ("dynamics", "status", "final loss", "max distance", "grad evals", "wall s"):
+        table.add_column(col, justify="left" if col in ("dynamics", "status") else "right")
+    for i, m in enumerate(ds.dynamics.values):
+        loss = ds.loss.isel(dynamics=i).values
+        dist = ds.distance.isel(dynamics=i).values
         finite = loss[~_isnan(loss)]
         table.add_row(str(m), str(ds.status.values[i]), f"{finite[-1]:.4g}" if finite.size else "–",
                       f"{_nanmax(dist):.3g}", str(int(ds.n_grad_evals.values[i])), f"{float(ds.wall_seconds.values[i]):.2f}")
-    console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no truncated labels
     console.print(table)
-    console.print(f"written to {out}/trajectory.zarr  (open with flowlab.open_result({str(out)!r}))", soft_wrap=True)
 
 
 def _isnan(a):
@@ -64,12 +75,11 @@ def _nanmax(a) -> float:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from . import registries
-
-    for title, reg in registries().items():
+    for title, reg in args.parts.registries.items():
         print(f"{title}:")
         for name in reg:
             print(f"  {name:<24} {reg.doc(name)}")
+    print("parts: " + ", ".join(p.name for p in args.parts))
     return 0
 
 
@@ -81,18 +91,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = export_netcdf(args.result, args.netcdf)
     print(f"wrote {path}")
     return 0
-
-
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
-
-
-def register_command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
-                     handler: Callable[[argparse.Namespace], int]) -> None:
-    COMMANDS[name] = (help, handler)
-    _CONFIGURE[name] = configure
-
-
-_CONFIGURE: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 
 
 def _configure_run(p: argparse.ArgumentParser) -> None:
@@ -108,36 +106,76 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netcdf", metavar="FILE", help="write the Dataset to this netCDF file")
 
 
-register_command("run", "run a study: SGD (and its flows), recorded into OUT/trajectory.zarr", _configure_run, _cmd_run)
-register_command("list", "list the registered models, datasets, losses, schedules, ...", lambda p: None, _cmd_list)
-register_command("export", "export a result to netCDF", _configure_export, _cmd_export)
+def _configure_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("result", help="a run's output folder (or its .zarr / netCDF file)")
+    p.add_argument("--by-layer", action="store_true", help="one row per layer")
+    p.add_argument("--no-figures", action="store_true", help="only the tables")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    _load_plugins()
+def _cmd_report(args: argparse.Namespace) -> int:
+    """The run's summary, then what each part reports about it (drift, theory, ...)."""
+    from .parts import ReportRequest
+    from .store import open_result
+
+    ds = open_result(args.result, load=True)
+    console = _console()
+    request = ReportRequest(Path(args.result), ds, by_layer=args.by_layer, figures=not args.no_figures,
+                            console=console)
+    paths: list = []
+    for part in args.parts:
+        if part.report is not None:
+            paths += part.report(request)
+    for p in paths:
+        console.print(f"wrote {p}", highlight=False)
+    return 0
+
+
+def report_summary(request) -> list:
+    """The core part of ``flowlab report``: status, final loss, distance from sgd per dynamics."""
+    _summary_table(request.dataset, request.console)
+    return []
+
+
+RUN = Command("run", "run a study: SGD (and its flows), recorded into OUT/trajectory.zarr", _configure_run, _cmd_run)
+LIST = Command("list", "list the registered models, datasets, losses, schedules, flows, integrators and parts",
+               lambda p: None, _cmd_list)
+EXPORT = Command("export", "export a result to netCDF", _configure_export, _cmd_export)
+REPORT = Command("report", "report a result: per dynamics its status and loss, its drift from each conservation "
+                 "law per symmetry kind (× layer), the theory's error, with figures", _configure_report, _cmd_report)
+
+
+def make_parser(parts: Parts) -> argparse.ArgumentParser:
+    """The ``flowlab`` parser with one sub-command per command of ``parts``."""
     parser = _Parser(prog="flowlab", description="Discrete SGD and continuous models of SGD on the same network.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _CONFIGURE[name](p)
+    for name, cmd in parts.commands.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
     return parser
 
 
-def _load_plugins() -> None:
-    """Import the optional parts; each registers its commands with :func:`register_command`."""
-    from .plugins import load_plugins
-
-    load_plugins()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, parts: Parts | None = None) -> int:
+    """``flowlab ...``: the commands of ``parts`` (default: this installation's parts).  Handlers
+    find the parts in ``args.parts``."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else list(argv))
+    try:
+        parts = parts if parts is not None else default_parts()
+    except FlowlabError as exc:  # a broken third-party part: one line
+        if debug:
+            raise
+        print(f"flowlab: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    parser = make_parser(parts)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0) end here, as a status
+        return int(exc.code or 0)
     if not args.command:
         parser.print_help()
         return EXIT_BAD_INPUT
-    handler = COMMANDS[args.command][1]
+    args.parts = parts
+    handler = parts.commands[args.command].handler
     try:
         return handler(args)
     except FlowlabError as exc:

@@ -1,7 +1,8 @@
 """Study files: TOML validated into frozen config objects.
 
-A study has the sections ``[study]``, ``[model]``, ``[data]``, ``[loss]``, ``[optimizer]``,
-``[record]`` and ``[[flows]]``.  ``[model]``, ``[data]`` and ``[loss]`` take a ``name`` and pass
+A study has the core sections ``[study]``, ``[model]``, ``[data]``, ``[loss]``, ``[optimizer]`` and
+``[record]``, and those of flowlab's parts (``[[flows]]``, ``[symmetry]``, ``[theory]``,
+:mod:`flowlab.parts`).  ``[model]``, ``[data]`` and ``[loss]`` take a ``name`` and pass
 their other keys to the named builder (checked against its signature when the study is built).
 Unknown sections and keys, and values of the wrong type or range, raise :class:`ConfigError`
 naming the key, the value and what is allowed.
@@ -17,7 +18,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, FlowlabError, did_you_mean
+from .parts import Parts, default_parts
 
 # ------------------------------------------------------------------ value checks
 
@@ -177,34 +179,6 @@ class RecordSection:
 
 
 @dataclass(frozen=True)
-class FlowSpec:
-    """One ``[[flows]]`` entry: a continuous model, its integrator and their options."""
-
-    name: str
-    integrator: str = "torchdiffeq:dopri5"
-    label: str = ""
-    rtol: float | None = None
-    atol: float | None = None
-    dt: float | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        d = {"name": self.name, "integrator": self.integrator, "label": self.label}
-        d.update({k: getattr(self, k) for k in ("rtol", "atol", "dt") if getattr(self, k) is not None})
-        d.update(self.options)
-        return d
-
-
-# Sections added by plugins (``[symmetry]``, ``[theory]``, ...): name → parser(raw table) → frozen object
-# with a ``to_dict()`` method.  A plugin registers its parser when imported.
-SECTION_PARSERS: dict[str, Callable[[Any], Any]] = {}
-
-
-def register_section(name: str, parser: Callable[[Any], Any]) -> None:
-    SECTION_PARSERS[name] = parser
-
-
-@dataclass(frozen=True)
 class Study:
     """A validated study (the sections of its TOML file as frozen config objects)."""
 
@@ -214,19 +188,39 @@ class Study:
     loss: LossSection
     optimizer: OptimizerSection
     record: RecordSection
-    flows: tuple[FlowSpec, ...] = ()
     source: str | None = None
+    #: every part's section as parsed (its default where the study has none)
     sections: Mapping[str, Any] = field(default_factory=dict)
+    #: the sections the study file itself has
+    given: frozenset[str] = frozenset()
+    #: the parts the study was parsed with (their registries resolve its names)
+    parts: Parts | None = field(default=None, compare=False, repr=False)
 
     def section(self, name: str) -> Any:
-        """A plugin section's config object (parsed from ``{}`` when the study has none)."""
-        if name in self.sections:
+        """A part's section config (``[symmetry]``, ``[theory]``, ``flows``...)."""
+        try:
             return self.sections[name]
-        return SECTION_PARSERS[name]({})
+        except KeyError:
+            known = ", ".join(self.sections) or "none"
+            raise FlowlabError(f"this study has no section {name!r}: no part declares it (parts' sections: {known})") from None
+
+    @property
+    def flows(self) -> tuple:
+        """The ``[[flows]]`` entries (:class:`flowlab.flows.FlowSpec`), () without the flows part."""
+        return tuple(self.sections["flows"]) if "flows" in self.sections else ()
 
     @property
     def name(self) -> str:
         return self.study.name
+
+    def registry(self, title: str):
+        """The registry ``title`` of the study's parts (``models``, ``flows``, ``integrators``...)."""
+        return self.active_parts.registry(title)
+
+    @property
+    def active_parts(self) -> Parts:
+        """The parts the study was parsed with (this installation's when none were given)."""
+        return self.parts if self.parts is not None else default_parts()
 
     def to_dict(self) -> dict:
         return {
@@ -237,15 +231,15 @@ class Study:
             "optimizer": {**{f.name: getattr(self.optimizer, f.name) for f in fields(self.optimizer)
                              if f.name != "schedule"}, "schedule": self.optimizer.schedule.to_dict()},
             "record": asdict(self.record),
-            "flows": [f.to_dict() for f in self.flows],
-            **{name: obj.to_dict() for name, obj in self.sections.items()},
+            **{name: obj.to_dict() for name, obj in self.sections.items()
+               if name in self.given or self.active_parts.sections[name].listed},
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def with_overrides(self, overrides: Sequence[str]) -> Study:
-        return parse_study(apply_overrides(self.to_dict(), overrides), self.source)
+        return parse_study(apply_overrides(self.to_dict(), overrides), self.source, self.parts)
 
     def replace(self, **sections: Any) -> Study:
         return replace(self, **sections)
@@ -253,7 +247,8 @@ class Study:
 
 # -------------------------------------------------------------------- parsing
 
-SECTIONS = ("study", "model", "data", "loss", "optimizer", "record", "flows")
+#: the core sections; parts add theirs (``[symmetry]``, ``[theory]``, ``[[flows]]``...)
+SECTIONS = ("study", "model", "data", "loss", "optimizer", "record")
 
 
 def _typed(cls: type, section: str, raw: Any, **nested: Any) -> Any:
@@ -298,11 +293,11 @@ def _named(cls: type, section: str, raw: Any, default_name: str | None = None, *
     problem = string(name)
     if problem:
         raise ConfigError(f"{section}.name", name, problem)
-    fixed = _pop_checked(raw, extra, section)
-    return cls(name=name, options=_freeze(raw), **fixed)
+    fixed = pop_checked(raw, extra, section)
+    return cls(name=name, options=freeze_options(raw), **fixed)
 
 
-def _pop_checked(raw: dict, checks: Mapping[str, Callable[[Any], str | None]], section: str) -> dict[str, Any]:
+def pop_checked(raw: dict, checks: Mapping[str, Callable[[Any], str | None]], section: str) -> dict[str, Any]:
     """Remove the keys of ``checks`` from ``raw``, validating each; return them."""
     out = {}
     for key, check in checks.items():
@@ -315,34 +310,18 @@ def _pop_checked(raw: dict, checks: Mapping[str, Callable[[Any], str | None]], s
     return out
 
 
-def _freeze(d: Mapping[str, Any]) -> dict[str, Any]:
+def freeze_options(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def _flow(raw: Any, index: int) -> FlowSpec:
-    section = f"flows[{index}]"
+def parse_study(raw: Mapping[str, Any], source: str | None = None, parts: Parts | None = None) -> Study:
+    """Validate a study mapping (as read from TOML) into a :class:`Study`.
+
+    ``parts``: the parts whose sections the study may have (default: this installation's)."""
+    parts = parts if parts is not None else default_parts()
     if not isinstance(raw, Mapping):
-        raise ConfigError(section, raw, "expected a table ([[flows]])")
-    raw = dict(raw)
-    if "name" not in raw:
-        raise ConfigError(f"{section}.name", None, "is required (the flow's name, see `flowlab list`)")
-    name = raw.pop("name")
-    if string(name):
-        raise ConfigError(f"{section}.name", name, string(name))
-    checks = {"integrator": string, "label": string, "rtol": positive_num, "atol": positive_num, "dt": positive_num}
-    kwargs = {"name": name, **_pop_checked(raw, checks, section)}
-    spec = FlowSpec(**kwargs, options=_freeze(raw))
-    if not spec.label:
-        spec = replace(spec, label=f"{spec.name}@{spec.integrator}")
-    return spec
-
-
-def parse_study(raw: Mapping[str, Any], source: str | None = None) -> Study:
-    """Validate a study mapping (as read from TOML) into a :class:`Study`."""
-    from .plugins import load_plugins
-
-    load_plugins()
-    allowed = SECTIONS + tuple(SECTION_PARSERS)
+        raise ConfigError("study", raw, "expected a table of sections")
+    allowed = SECTIONS + tuple(parts.sections)
     for key in raw:
         if key not in allowed:
             raise ConfigError(key, raw[key] if not isinstance(raw[key], Mapping) else "[...]",
@@ -360,16 +339,6 @@ def parse_study(raw: Mapping[str, Any], source: str | None = None) -> Study:
     optimizer = _typed(OptimizerSection, "optimizer", opt_raw, schedule=schedule)
     if optimizer.nesterov and (optimizer.momentum <= 0 or optimizer.dampening != 0):
         raise ConfigError("optimizer.nesterov", True, "Nesterov momentum requires momentum > 0 and dampening = 0")
-    flows_raw = raw.get("flows", [])
-    if isinstance(flows_raw, Mapping):
-        flows_raw = [flows_raw]
-    if not isinstance(flows_raw, list | tuple):
-        raise ConfigError("flows", flows_raw, "expected a list of tables ([[flows]])")
-    flows = tuple(_flow(f, i) for i, f in enumerate(flows_raw))
-    labels = [f.label for f in flows]
-    for label in labels:
-        if label == "sgd" or labels.count(label) > 1:
-            raise ConfigError("flows.label", label, "labels must be unique and not 'sgd' (give each flow a label)")
     study = Study(
         study=_typed(StudySection, "study", raw.get("study", {})),
         model=_named(NamedSection, "model", raw["model"]),
@@ -378,9 +347,10 @@ def parse_study(raw: Mapping[str, Any], source: str | None = None) -> Study:
                     hvp=one_of("auto", "forward_over_reverse", "double_backward")),
         optimizer=optimizer,
         record=_typed(RecordSection, "record", raw.get("record", {})),
-        flows=flows,
         source=source,
-        sections={name: SECTION_PARSERS[name](raw[name]) for name in SECTION_PARSERS if name in raw},
+        sections={name: s.parse(raw[name] if name in raw else s.default) for name, s in parts.sections.items()},
+        given=frozenset(name for name in parts.sections if name in raw),
+        parts=parts,
     )
     return study
 
@@ -421,7 +391,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     return out
 
 
-def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+def load_study(path: str | Path, overrides: Sequence[str] = (), parts: Parts | None = None) -> Study:
     """Read and validate a TOML study file (with optional ``section.key=value`` overrides)."""
     p = Path(path)
     if not p.is_file():
@@ -434,4 +404,4 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         raise ConfigError("study file", str(path), "is not a UTF-8 text file") from None
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return parse_study(raw, str(p))
+    return parse_study(raw, str(p), parts)

@@ -4,6 +4,9 @@ Every error a user can cause by a study file, a command line or a Python call is
 :class:`FlowlabError`: its message is one line that names the field, the value and what is
 allowed.  The CLI prints it and exits with status 2; nothing else in flowlab raises for bad
 input.
+
+Fields are named by the dotted path ``--set`` accepts, list entries by index
+(``optimizer.lr``, ``flows.0.integrator_options.max_steps``, ``symmetry.groups.2.kind``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ class ConfigError(FlowlabError, ValueError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+        self.hint = hint
+
+    def within(self, prefix: str) -> ConfigError:
+        """The same error with its field placed under ``prefix`` (``dt`` → ``flows.0.dt``).
+
+        Flows and integrators name fields relative to their own table; whoever builds them from a
+        study knows where that table is and re-raises ``exc.within("flows.0")``."""
+        field = f"{prefix}.{self.field}" if prefix and self.field else (prefix or self.field)
+        return ConfigError(field, self.value, self.allowed, self.hint)
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:

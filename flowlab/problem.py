@@ -121,7 +121,7 @@ def _nothing() -> Iterator[None]:
 
 
 @contextmanager
-def _pure_batchnorm(module: nn.Module, norms: list | None = None) -> Iterator[None]:
+def pure_batchnorm(module: nn.Module, norms: list | None = None) -> Iterator[None]:
     """Inside, BatchNorm layers (in training mode) use batch statistics without updating their
     running statistics: evaluation is a pure function of θ (needed under torch.func transforms)."""
     if norms is None:
@@ -281,7 +281,8 @@ class Problem:
             yield (self.X[start:stop], self.y[start:stop]), (stop - start) / self.n
 
     # ------------------------------------------------------------- evaluation
-    def _load(self, theta: torch.Tensor) -> None:
+    def load(self, theta: torch.Tensor) -> None:
+        """Write θ into the module's parameters (a no-op when θ is already their storage)."""
         if theta.data_ptr() != self._theta.data_ptr():
             self._theta.copy_(theta.detach())
 
@@ -291,13 +292,13 @@ class Problem:
         torch training loop — flows, checks and HVPs leave them alone."""
         if update_stats or not self._norms:
             return self.loss_fn(self.module(batch[0]), batch[1])
-        with _pure_batchnorm(self.module, self._norms):
+        with pure_batchnorm(self.module, self._norms):
             return self.loss_fn(self.module(batch[0]), batch[1])
 
     def functional_loss(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Loss as a differentiable, pure function of ``theta`` (usable under torch.func)."""
         params = self.layout.unflatten(theta)
-        with _pure_batchnorm(self.module):
+        with pure_batchnorm(self.module):
             out = torch.func.functional_call(self.module, params, (batch[0],))
         return self.loss_fn(out, batch[1])
 
@@ -306,7 +307,7 @@ class Problem:
         batch = self.batch() if batch is None else batch
         self.counts["loss"] += 1
         with torch.no_grad():
-            self._load(theta)
+            self.load(theta)
             return self._loss_on_module(batch).detach()
 
     def loss_and_grad_(self, theta: torch.Tensor, batch: Batch, update_stats: bool = False
@@ -315,7 +316,7 @@ class Problem:
         (``update_stats``: let BatchNorm update its running statistics, as the discrete run does)."""
         self.counts["grad"] += 1
         with torch.no_grad():
-            self._load(theta)
+            self.load(theta)
             self._grad.zero_()
         with torch.enable_grad():
             loss = self._loss_on_module(batch, update_stats)
@@ -336,15 +337,15 @@ class Problem:
             self.hvp_method = self._choose_hvp(theta, v, batch)
         self.counts["hvp"] += 1
         if self.hvp_method == "forward_over_reverse":
-            return self._hvp_fwdrev(theta, v, batch)
-        return self._hvp_double(theta, v, batch)
+            return self.hvp_forward_over_reverse(theta, v, batch)
+        return self.hvp_double_backward(theta, v, batch)
 
-    def _hvp_fwdrev(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def hvp_forward_over_reverse(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         grad_fn = torch.func.grad(lambda th: self.functional_loss(th, batch))
         with torch.enable_grad():
             return torch.func.jvp(grad_fn, (theta.detach(),), (v.detach(),))[1].detach()
 
-    def _hvp_double(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def hvp_double_backward(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Double backward on the module's own parameters (no functional_call: less overhead)."""
         return self.grad_graph(theta, batch)[2].hvp(v, retain=False)
 
@@ -360,7 +361,7 @@ class Problem:
         products and ∇³L[v, v] at the same θ reuse the forward and backward passes (as long as θ is
         not reloaded: any other evaluation of the problem invalidates the graph).  ``third_order``:
         BatchNorm layers run as primitive ops so that ``graph.d3`` is right (slower)."""
-        self._load(theta)
+        self.load(theta)
         with torch.enable_grad(), (_primitive_batchnorm(self.module) if third_order else _nothing()):
             loss = self._loss_on_module(batch)
             grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
@@ -383,7 +384,7 @@ class Problem:
 
     def _choose_hvp(self, theta: torch.Tensor, v: torch.Tensor, batch: Batch, reps: int = 3) -> str:
         timings = {}
-        for name, fn in (("forward_over_reverse", self._hvp_fwdrev), ("double_backward", self._hvp_double)):
+        for name, fn in (("forward_over_reverse", self.hvp_forward_over_reverse), ("double_backward", self.hvp_double_backward)):
             fn(theta, v, batch)  # warm-up
             self._sync()
             t0 = time.perf_counter()

@@ -1,10 +1,13 @@
-"""Recorders: the extension point through which every method's trajectory reaches the store.
+"""Recorders: the extension point through which every dynamics' trajectory reaches the store.
 
 A :class:`Recorder` declares the variables it fills (:class:`Variable`: name, dims, dtype, new
 coordinates), sees every update of the discrete run (``before_update`` / ``after_update`` with a
-:class:`StepInfo`), and at each recording time gets one :class:`Point` per method, which it turns
-into values with ``rows.put(name, method_index, value)``.  Values stay on the device until a chunk
-of rows is flushed to disk, so recording costs no synchronisation.
+:class:`StepInfo`), and at each recording time gets one :class:`Point` per dynamics (the discrete
+run ``sgd``, then every continuous model), which it turns into values with
+``rows.put(name, index, value)``.  Values stay on the device until a chunk of rows is flushed to
+disk, so recording costs no synchronisation.  A recorder that needs another (the theory needs the
+symmetry recorder's per-step terms) is given it as a constructor argument by the part that builds
+both (:mod:`flowlab.parts`).
 
 Row convention: the row at time t_k holds the state θ_k *before* update k, the batch loss at θ_k
 and the batch gradient ĝ_k that update k applies.  The last row (k = steps) has its own
@@ -14,6 +17,7 @@ evaluation at θ_steps.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,30 +29,61 @@ if TYPE_CHECKING:
     from .problem import Problem
 
 
+#: Dims renamed because xarray's ``sel(method=...)`` / ``groupby(group=...)`` swallow them
+#: (stores written before the rename are read with the new names: :func:`flowlab.open_result`).
+RENAMED_DIMS = {"method": "dynamics", "group": "symmetry_group"}
+#: Keyword arguments of xarray's sel / isel / interp / reindex / groupby / rolling / coarsen and of
+#: reductions: a dim with one of these names cannot be selected by keyword.
+XARRAY_KEYWORDS = frozenset({
+    "method", "tolerance", "drop", "indexers", "missing_dims", "coords", "assume_sorted", "kwargs",
+    "method_non_numeric", "copy", "fill_value", "group", "squeeze", "restore_coord_dims", "dim", "axis",
+    "skipna", "keep_attrs", "keepdims", "min_count", "min_periods", "center", "boundary", "side",
+    "coord_func", "func", "numeric_only", "eagerly_compute_group",
+})
+
+
 @dataclass(frozen=True)
 class Variable:
     """A variable of the trajectory Dataset.
 
-    ``dims`` name its dimensions in order.  A per-method variable starts with ``method``; a variable
-    of the discrete run alone (``grad_term``, ``theory``) has none.  It grows along ``time`` or
-    ``snapshot`` if one of them is among its dims (anywhere after ``method``: ``("variant", "time",
-    "group")`` is fine); a variable with neither (``("method",)``) is a per-method summary.
-    ``shape`` gives the sizes of the other dims, in order; ``coords`` coordinate values for new dims
-    (``proj``, ``group``...), ``dim_coords`` non-index coordinates on them (name → (dim, values)).
-    Values passed to ``Rows.put`` have ``shape``.
+    ``dims`` name its dimensions in order.  A per-dynamics variable starts with ``dynamics``; a
+    variable of the discrete run alone (``grad_term``, ``theory``) has none.  It grows along ``time``
+    or ``snapshot`` if one of them is among its dims (anywhere after ``dynamics``: ``("variant",
+    "time", "symmetry_group")`` is fine); a variable with neither (``("dynamics",)``) is a
+    per-dynamics summary.  ``shape`` gives the sizes of the other dims, in order; ``coords``
+    coordinate values for new dims (``proj``, ``symmetry_group``...), ``dim_coords`` non-index
+    coordinates on them (name → (dim, values)).  Values passed to ``Rows.put`` have ``shape``.
+
+    Dims must not be named like a keyword of xarray's ``sel``/``isel``/``interp``/``groupby``/
+    reductions (``method``, ``group``, ``dim``, ``drop``, ...): ``ds.x.sel(method="sgd")`` would not
+    select.  The old names ``method`` and ``group`` are read as ``dynamics`` and ``symmetry_group``
+    (with a DeprecationWarning); others are refused.
     """
 
     name: str
     dims: tuple[str, ...]
     dtype: Any = np.float64
-    shape: tuple[int, ...] = ()  # sizes of the dims other than method and the growing one
+    shape: tuple[int, ...] = ()  # sizes of the dims other than dynamics and the growing one
     coords: dict[str, np.ndarray] = field(default_factory=dict)
     dim_coords: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        old = [d for d in self.dims if d in RENAMED_DIMS]
+        if old:
+            warnings.warn(f"variable {self.name!r}: dims {old} are now named "
+                          f"{[RENAMED_DIMS[d] for d in old]}", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "dims", tuple(RENAMED_DIMS.get(d, d) for d in self.dims))
+        clash = [d for d in self.dims if d in XARRAY_KEYWORDS]
+        if clash:
+            raise ValueError(f"variable {self.name!r}: dim name(s) {clash} are keywords of xarray's methods "
+                             "(ds.sel / isel / interp / groupby / reductions would not select them); choose another")
+
     @property
-    def per_method(self) -> bool:
-        return self.dims[0] == "method"
+    def per_dynamics(self) -> bool:
+        return self.dims[0] == "dynamics"
+
+    per_method = per_dynamics  # the name before the rename
 
     @property
     def grows_along(self) -> str | None:
@@ -62,13 +97,13 @@ class Variable:
         """Position of the growing dim in ``dims``."""
         return self.dims.index(self.grows_along)
 
-    def full_shape(self, n_methods: int, length: int) -> tuple[int, ...]:
+    def full_shape(self, n_dynamics: int, length: int) -> tuple[int, ...]:
         """The array shape for ``length`` entries along the growing dim."""
         others = iter(self.shape)
         out = []
         for d in self.dims:
-            if d == "method":
-                out.append(n_methods)
+            if d == "dynamics":
+                out.append(n_dynamics)
             elif d == self.grows_along:
                 out.append(length)
             else:
@@ -98,9 +133,17 @@ class StepInfo:
 
 @dataclass
 class Point:
-    """One method's state at a recording time (tensors are live buffers: read, do not keep)."""
+    """One dynamics' state at a recording time (tensors are live buffers: read, do not keep).
 
-    method: str
+    ``label`` names the dynamics (``sgd`` or a flow's label), ``index`` its position along the
+    ``dynamics`` dim.  ``loss`` is what the dynamics reports at θ (the discrete run: the batch loss
+    of the update taken there; a flow: the full-batch loss it integrates), ``grad`` and ``buf`` the
+    discrete run's applied batch gradient and momentum buffer, ``velocity`` θ' of a second-order
+    flow, ``reference`` the discrete run's θ at the same time.  ``nfe``, ``flow_time``,
+    ``full_loss``: a flow's evaluation count, its own time (t − s) and full-batch loss; ``extras``:
+    what a flow reports beyond these (:meth:`flowlab.flows.Flow.observe`, e.g. ``flow_law``)."""
+
+    label: str
     index: int
     step: int
     time: float
@@ -110,38 +153,52 @@ class Point:
     buf: torch.Tensor | None = None
     velocity: torch.Tensor | None = None
     reference: torch.Tensor | None = None
+    nfe: float | None = None
+    flow_time: float | None = None
+    full_loss: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        """The label (its name before the ``dynamics`` rename)."""
+        return self.label
 
 
 @dataclass
 class RunContext:
+    """What recorders see of a run: ``dynamics`` are the labels along the ``dynamics`` dim
+    (``sgd`` first), ``record_steps`` / ``snapshot_steps`` the steps recorded."""
+
     study: Study
     problem: Problem
-    methods: list[str]
+    dynamics: list[str]
     steps: int
     record_steps: np.ndarray
     record_times: np.ndarray
     snapshot_steps: np.ndarray
     lrs: np.ndarray
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def n_methods(self) -> int:
-        return len(self.methods)
+    def n_dynamics(self) -> int:
+        return len(self.dynamics)
+
+    @property
+    def methods(self) -> list[str]:  # the name before the rename
+        return self.dynamics
 
 
 class Rows:
     """A chunk of rows along one growing dim, held as device tensors until flushed."""
 
-    def __init__(self, dim: str, variables: list[Variable], n_methods: int, capacity: int,
+    def __init__(self, dim: str, variables: list[Variable], n_dynamics: int, capacity: int,
                  device: torch.device):
-        self.dim, self.capacity, self.n_methods = dim, capacity, n_methods
+        self.dim, self.capacity, self.n_dynamics = dim, capacity, n_dynamics
         self.variables = {v.name: v for v in variables}
         self.data: dict[str, torch.Tensor] = {}
         for v in variables:
             tdtype = _torch_dtype(v.dtype)
             fill = math.nan if tdtype.is_floating_point else 0
-            lead = (n_methods, capacity) if v.per_method else (capacity,)
+            lead = (n_dynamics, capacity) if v.per_dynamics else (capacity,)
             self.data[v.name] = torch.full((*lead, *v.shape), fill, dtype=tdtype, device=device)
         self.steps = np.zeros(capacity, dtype=np.int64)
         self.times = np.zeros(capacity, dtype=np.float64)
@@ -153,18 +210,19 @@ class Rows:
         self.steps[self.row], self.times[self.row] = step, time
         self.n += 1
 
-    def put(self, name: str, method_index: int | None, value: torch.Tensor | float) -> None:
-        """Store ``value`` in the current row (``method_index`` None for a variable without a method dim)."""
-        if method_index is None:
+    def put(self, name: str, index: int | None, value: torch.Tensor | float) -> None:
+        """Store ``value`` in the current row (``index``: the dynamics' position; None for a variable
+        without a ``dynamics`` dim)."""
+        if index is None:
             self.data[name][self.row] = value
         else:
-            self.data[name][method_index, self.row] = value
+            self.data[name][index, self.row] = value
 
-    def put_at(self, name: str, method_index: int | None, row: int, value: torch.Tensor) -> None:
-        if method_index is None:
+    def put_at(self, name: str, index: int | None, row: int, value: torch.Tensor) -> None:
+        if index is None:
             self.data[name][row] = value
         else:
-            self.data[name][method_index, row] = value
+            self.data[name][index, row] = value
 
     @property
     def full(self) -> bool:
@@ -175,9 +233,9 @@ class Rows:
         arrays = {}
         for k, t in self.data.items():
             v = self.variables[k]
-            part = t[:, :n] if v.per_method else t[:n]
+            part = t[:, :n] if v.per_dynamics else t[:n]
             values = part.detach().cpu().numpy()
-            arrays[k] = np.moveaxis(values, 1 if v.per_method else 0, v.axis).copy(order="C")
+            arrays[k] = np.moveaxis(values, 1 if v.per_dynamics else 0, v.axis).copy(order="C")
             part.fill_(math.nan if t.dtype.is_floating_point else 0)
         steps, times = self.steps[:n].copy(), self.times[:n].copy()
         self.n, self.row = 0, -1
@@ -191,7 +249,12 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
 
 
 class Recorder:
-    """Base class: override what you need.  Hooks not overridden cost nothing per step."""
+    """Base class: override what you need.  Hooks not overridden cost nothing per step.
+
+    ``variables(ctx)`` declares what it records; ``start(ctx)`` once before the first step;
+    ``before_update`` / ``after_update`` around every discrete update; ``record(rows, point)`` at
+    every recording time, once per dynamics (in ``dynamics`` order); ``snapshot(rows, point)`` at the
+    snapshot times; ``before_flush(rows)`` before a chunk of rows goes to the store."""
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         return []
@@ -222,11 +285,11 @@ class Recorder:
 
 
 class LossRecorder(Recorder):
-    """``loss`` (method, time): the loss each method reports at θ(t) — for the discrete run the
+    """``loss`` (dynamics, time): the loss each dynamics reports at θ(t) — for the discrete run the
     batch loss of the update taken there, for flows the full-batch loss they integrate."""
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("loss", ("method", "time"), attrs={"long_name": "loss at θ(t)"})]
+        return [Variable("loss", ("dynamics", "time"), attrs={"long_name": "loss at θ(t)"})]
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.loss is not None:
@@ -234,26 +297,26 @@ class LossRecorder(Recorder):
 
 
 class FullLossRecorder(Recorder):
-    """``full_loss`` (method, time): the full-batch loss at θ(t) (one extra evaluation per row)."""
+    """``full_loss`` (dynamics, time): the full-batch loss at θ(t) (one extra evaluation per row)."""
 
     def start(self, ctx: RunContext) -> None:
         self.problem = ctx.problem
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("full_loss", ("method", "time"), attrs={"long_name": "full-batch loss at θ(t)"})]
+        return [Variable("full_loss", ("dynamics", "time"), attrs={"long_name": "full-batch loss at θ(t)"})]
 
     def record(self, rows: Rows, point: Point) -> None:
-        value = point.extras.get("full_loss")
+        value = point.full_loss
         if value is None:
             value = self.problem.full_loss(point.theta)
         rows.put("full_loss", point.index, value)
 
 
 class DistanceRecorder(Recorder):
-    """``distance`` (method, time) = |θ_method(t) − θ_sgd(t)|."""
+    """``distance`` (dynamics, time) = |θ_dynamics(t) − θ_sgd(t)|."""
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("distance", ("method", "time"), attrs={"long_name": "|θ(t) − θ_sgd(t)|"})]
+        return [Variable("distance", ("dynamics", "time"), attrs={"long_name": "|θ(t) − θ_sgd(t)|"})]
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.reference is None or point.reference is point.theta:
@@ -263,7 +326,7 @@ class DistanceRecorder(Recorder):
 
 
 class ProjectionRecorder(Recorder):
-    """``projection`` (method, time, proj) = ⟨r_i, θ(t)⟩ for seeded Gaussian r_i ~ N(0, I/m).
+    """``projection`` (dynamics, time, proj) = ⟨r_i, θ(t)⟩ for seeded Gaussian r_i ~ N(0, I/m).
 
     θ's are gathered in a small ring and projected together (one matrix product per batch of
     rows instead of one matrix-vector product per row)."""
@@ -272,7 +335,7 @@ class ProjectionRecorder(Recorder):
         self.count, self.seed, self.ring_bytes = count, seed, ring_bytes
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("projection", ("method", "time", "proj"), shape=(self.count,),
+        return [Variable("projection", ("dynamics", "time", "proj"), shape=(self.count,),
                          coords={"proj": np.arange(self.count)},
                          attrs={"long_name": "⟨r_i, θ(t)⟩, r_i ~ N(0, I/m) seeded by study.seed"})]
 
@@ -308,28 +371,15 @@ class ProjectionRecorder(Recorder):
 
 
 class SnapshotRecorder(Recorder):
-    """``theta`` (method, snapshot, param): full θ at the snapshot times (t = 0 and the end always)."""
+    """``theta`` (dynamics, snapshot, param): full θ at the snapshot times (t = 0 and the end always)."""
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         dt = np.float32 if ctx.problem.dtype == torch.float32 else np.float64
-        return [Variable("theta", ("method", "snapshot", "param"), dtype=dt, shape=(ctx.problem.dim,),
+        return [Variable("theta", ("dynamics", "snapshot", "param"), dtype=dt, shape=(ctx.problem.dim,),
                          attrs={"long_name": "θ at the snapshot times", "layout": "see the Dataset's param_layout attribute"})]
 
     def snapshot(self, rows: Rows, point: Point) -> None:
         rows.put("theta", point.index, point.theta)
-
-
-# Plugins add recorders to every run: factory(ctx) -> list[Recorder] (may be empty), called in
-# ascending ``order`` (a recorder that reuses another's results, like the theory, goes later).
-RECORDER_FACTORIES: list = []
-_ORDER: dict = {}
-
-
-def register_recorders(factory, order: int = 100) -> None:
-    if factory not in RECORDER_FACTORIES:
-        RECORDER_FACTORIES.append(factory)
-    _ORDER[factory] = order
-    RECORDER_FACTORIES.sort(key=lambda f: _ORDER[f])
 
 
 def core_recorders(study: Study) -> list[Recorder]:

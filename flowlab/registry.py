@@ -36,10 +36,18 @@ class Registry(Generic[F], Mapping[str, F]):
     raises a :class:`ConfigError` that lists the registered ones.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, items: Mapping[str, F] | None = None):
         self.kind = kind
         self._items: dict[str, F] = {}
         self._docs: dict[str, str] = {}
+        for name, fn in (items or {}).items():
+            self.add(name, fn)
+
+    def copy(self) -> Registry[F]:
+        """A registry with the same entries (a set of parts merges its parts' entries into copies)."""
+        new: Registry[F] = Registry(self.kind)
+        new._items, new._docs = dict(self._items), dict(self._docs)
+        return new
 
     def register(self, name: str, doc: str | None = None) -> Callable[[F], F]:
         def deco(fn: F) -> F:
@@ -84,7 +92,9 @@ def call_with_options(fn: Callable[..., Any], options: Mapping[str, Any], sectio
     """Call ``fn(**options, **injected)``, rejecting options ``fn`` does not take by name.
 
     ``injected`` values (shapes inferred from the data, a seed, ...) are passed only where ``fn``
-    accepts them, so a user's function need not know about them.
+    accepts them, so a user's function need not know about them.  Unknown or missing options are
+    named ``section.key``; a :class:`FlowlabError` raised by ``fn`` passes through as it is.
+    This is flowlab's one option checker (models, data, losses, schedules, flows, integrators).
     """
     try:
         sig = inspect.signature(fn)

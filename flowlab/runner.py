@@ -1,79 +1,28 @@
 """Running a study: the discrete run (and, with ``[[flows]]``, the continuous models in lock step
-with it) recorded into one trajectory Dataset."""
+with it) recorded into one trajectory Dataset by the lock-step engine (:mod:`flowlab.engine`)."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import platform
 import subprocess
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 import xarray as xr
 
 from . import __version__
 from .build import Built, build
 from .config import Study
-from .errors import FlowlabError
-from .plugins import load_plugins
-from .recording import RECORDER_FACTORIES, Point, Recorder, Rows, RunContext, StepInfo, Variable, core_recorders
+from .engine import Clock, LockStep, Recording
+from .errors import ConfigError, FlowlabError
+from .parts import Contribution, Part, Setup
+from .recording import Recorder, RunContext, Variable, core_recorders
 from .sgd import DiscreteSGD
 from .store import STORE_NAME, TrajectoryWriter, attrs_json, open_result
-
-
-class Follower(Protocol):
-    """A method that runs in lock step with the discrete run (a flow, from issue 4 on)."""
-
-    label: str
-    status: str
-    wall_seconds: float
-    n_grad_evals: int
-
-    def advance_to(self, time: float) -> None: ...
-
-    def point(self, index: int, step: int, time: float) -> Point: ...
-
-
-# Set by the flows plugin: built -> list[Follower], one per [[flows]] entry.
-FOLLOWER_FACTORY = None
-
-
-def set_follower_factory(factory) -> None:
-    global FOLLOWER_FACTORY
-    FOLLOWER_FACTORY = factory
-
-
-@dataclass
-class RunResult:
-    out: Path
-    dataset: xr.Dataset
-    statuses: dict[str, str] = field(default_factory=dict)
-
-
-def record_grid(steps: int, every: int) -> np.ndarray:
-    grid = np.arange(0, steps + 1, every, dtype=np.int64)
-    return grid if grid[-1] == steps else np.append(grid, steps)
-
-
-def snapshot_grid(record_steps: np.ndarray, snapshot_every: int | str | None) -> np.ndarray:
-    """Snapshot rows: the first and last record, plus the first record at or after every multiple
-    of ``snapshot_every`` steps (default: about ten over the run)."""
-    steps = int(record_steps[-1])
-    if snapshot_every == "ends" or steps == 0:
-        return np.unique(record_steps[[0, -1]])
-    every = snapshot_every or max(1, math.ceil(steps / 10))
-    bucket = record_steps // every
-    keep = np.ones(len(record_steps), dtype=bool)
-    keep[1:] = bucket[1:] > bucket[:-1]
-    keep[-1] = True
-    return record_steps[keep]
 
 
 def versions() -> dict[str, str]:
@@ -131,26 +80,25 @@ class Progress:
 
 
 class Run:
-    """One study run: build, record, stream to disk.  ``Run(study).execute()`` → Dataset."""
+    """One study run: build, record, stream to disk.  ``Run(study).execute()`` → Dataset.
+
+    ``flows``: continuous models given as objects (:class:`flowlab.flows.Continuous`, or
+    ``(flow, integrator)`` pairs) besides the study's ``[[flows]]``; ``recorders``: extra recorder
+    instances; ``parts``: extra :class:`flowlab.Part` objects for this run (their sections must be
+    known when the study is parsed: ``load_study(path, parts=...)``)."""
 
     def __init__(self, study: Study, out: str | Path | None = None, *, overwrite: bool = False,
-                 progress: bool = False, recorders: Sequence[Recorder] = (), built: Built | None = None):
+                 progress: bool = False, recorders: Sequence[Recorder] = (), built: Built | None = None,
+                 flows: Sequence[Any] = (), parts: Sequence[Part] = ()):
         self.study = study
         self.out = Path(out) if out is not None else default_out(study)
         self.overwrite = overwrite
         self.show_progress = progress
-        load_plugins()
+        self.parts = study.active_parts.with_parts(*parts)
         self.built = built or build(study)
         self.problem = self.built.problem
         self.extra_recorders = list(recorders)
-
-    # ---------------------------------------------------------------- set-up
-    def _followers(self) -> list[Follower]:
-        if not self.study.flows:
-            return []
-        if FOLLOWER_FACTORY is None:
-            raise FlowlabError("[[flows]] needs the flows module, which this flowlab does not have yet")
-        return FOLLOWER_FACTORY(self.built)
+        self.flows = tuple(flows)
 
     def _attrs(self) -> dict[str, Any]:
         return {
@@ -167,22 +115,26 @@ class Run:
             "n_params": self.problem.dim,
         }
 
+    def _recorders(self, contribution: Contribution) -> list[Recorder]:
+        return core_recorders(self.study) + contribution.recorders + self.extra_recorders
+
     # ------------------------------------------------------------------ run
     def execute(self) -> xr.Dataset:
         study, problem = self.study, self.problem
         opt, rec = study.optimizer, study.record
+        if self.flows and "flows" not in self.parts:
+            raise FlowlabError("flows given as objects need the flows part, which this flowlab does not have")
+        contribution = self.parts.contribute(Setup(study, self.built, self.flows))
+        followers = contribution.dynamics
         sgd = DiscreteSGD(problem, opt, self.built.lrs, study.study.seed)
-        followers = self._followers()
-        methods = ["sgd"] + [f.label for f in followers]
-        record_steps = record_grid(opt.steps, rec.every)
-        times = sgd.times
-        snap_steps = snapshot_grid(record_steps, rec.snapshot_every)
-        ctx = RunContext(study, problem, methods, opt.steps, record_steps, times[record_steps], snap_steps,
-                         self.built.lrs, extras={"followers": followers, "sgd": sgd})
-        recorders = core_recorders(study)
-        for factory in RECORDER_FACTORIES:
-            recorders += factory(ctx)
-        recorders += self.extra_recorders
+        labels = [sgd.label] + [f.label for f in followers]
+        for label in labels[1:]:
+            if label == sgd.label or labels.count(label) > 1:
+                raise ConfigError("flows.label", label, "labels must be unique and not 'sgd' (give each flow a label)")
+        clock = Clock.of_run(self.built.lrs, rec.every, rec.snapshot_every)
+        ctx = RunContext(study, problem, labels, opt.steps, clock.record, clock.times[clock.record], clock.snapshot,
+                         self.built.lrs)
+        recorders = self._recorders(contribution)
         variables: list[Variable] = []
         for r in recorders:
             variables += r.variables(ctx)
@@ -194,130 +146,39 @@ class Run:
             r.start(ctx)
 
         self.out.mkdir(parents=True, exist_ok=True)
-        writer = TrajectoryWriter(self.out / STORE_NAME, variables, methods, self._attrs(), rec.chunk, self.overwrite)
+        writer = TrajectoryWriter(self.out / STORE_NAME, variables, labels, self._attrs(), rec.chunk, self.overwrite)
         (self.out / "study.json").write_text(json.dumps(study.to_dict(), indent=2) + "\n")
-        time_vars = [v for v in variables if v.grows_along == "time"]
-        snap_vars = [v for v in variables if v.grows_along == "snapshot"]
-        rows = Rows("time", time_vars, len(methods), rec.chunk, problem.device)
-        snap_cap = max(1, min(16, (64 << 20) // max(1, len(methods) * problem.dim * problem.theta0.element_size())))
-        snaps = Rows("snapshot", snap_vars, len(methods), snap_cap, problem.device)
-        before = [r for r in recorders if r.overrides("before_update")]
-        after = [r for r in recorders if r.overrides("after_update")]
-        recording = [r for r in recorders if r.overrides("record")]
-        snapping = [r for r in recorders if r.overrides("snapshot")]
-        flushing = [r for r in recorders if r.overrides("before_flush")]
-
-        def flush(buffer: Rows) -> None:
-            if buffer.n == 0:
-                return
-            if buffer is rows:
-                for r in flushing:
-                    r.before_flush(rows)
-            arrays, steps_, times_ = buffer.take()
-            writer.append(buffer.dim, arrays, steps_, times_)
-
-        def summary() -> dict[str, np.ndarray]:
-            return {
-                "status": np.array([sgd_status] + [f.status for f in followers], dtype=object),
-                "wall_seconds": np.array([sgd_wall] + [f.wall_seconds for f in followers]),
-                "n_grad_evals": np.array([sgd.n_grad_evals] + [f.n_grad_evals for f in followers], dtype=np.int64),
-            }
-
-        sgd_status, sgd_wall = "running", 0.0
-        info = StepInfo(0, 0.0, 0.0, sgd.theta, sgd.theta, sgd.theta, None)
+        recording = Recording(variables, len(labels), rec.chunk, problem.device,
+                              problem.dim * problem.theta0.element_size(), sink=writer)
         bar = Progress(opt.steps, self.show_progress, study.name)
-        ri, si, K = 0, 0, opt.steps
-        check_every = 1 if problem.device.type == "cpu" else 64
+        engine = LockStep(clock, sgd, followers, recorders, recording, progress=bar, device=problem.device)
         try:
-            for k in range(K + 1):
-                t0 = time.perf_counter()
-                sgd.evaluate()
-                sgd_wall += time.perf_counter() - t0
-                diverged = (k % check_every == 0 or k == record_steps[ri]) and not bool(torch.isfinite(sgd.loss))
-                if k == record_steps[ri] or diverged:
-                    if followers:
-                        sgd.keep_grad()
-                        for f in followers:
-                            f.advance_to(float(times[k]))
-                    rows.begin(k, float(times[k]))
-                    points = [Point("sgd", 0, k, float(times[k]), sgd.theta, sgd.loss, sgd.grad, sgd.buf,
-                                    reference=sgd.theta)]
-                    for i, f in enumerate(followers, start=1):
-                        if f.status != "running":  # a stopped flow keeps its rows empty (NaN) from here on
-                            continue
-                        p = f.point(i, k, float(times[k]))
-                        p.reference = sgd.theta
-                        points.append(p)
-                    for p in points:
-                        for r in recording:
-                            r.record(rows, p)
-                    if si < len(snap_steps) and (k == snap_steps[si] or diverged):
-                        snaps.begin(k, float(times[k]))
-                        for p in points:
-                            for r in snapping:
-                                r.snapshot(snaps, p)
-                        si += 1 if k == snap_steps[si] else 0
-                        if snaps.full:
-                            flush(snaps)
-                    if rows.full:
-                        flush(rows)
-                        writer.set(summary())
-                    ri += 1 if k == record_steps[ri] else 0
-                if diverged:
-                    sgd_status = f"diverged: non-finite loss at step {k}"
-                    break
-                if k == K:
-                    break
-                info.step, info.time, info.lr = k, float(times[k]), float(self.built.lrs[k])
-                info.grad, info.loss, info.batch = sgd.grad, sgd.loss, sgd.batch
-                if before:
-                    info.theta, info.buf = sgd.theta, sgd.buf
-                    for r in before:
-                        r.before_update(info)
-                t0 = time.perf_counter()
-                sgd.update()
-                sgd_wall += time.perf_counter() - t0
-                if after:
-                    info.theta, info.buf = sgd.theta, sgd.buf
-                    for r in after:
-                        r.after_update(info)
-                bar.update(k + 1, sgd.loss)
-            else:  # pragma: no cover - the loop always breaks
-                pass
-            if sgd_status == "running":
-                sgd_status = "ok"
-        except KeyboardInterrupt:
-            sgd_status = f"interrupted at step {sgd.step}"
-            for f in followers:
-                if f.status == "running":
-                    f.status = sgd_status
-            raise
+            engine.run()
         finally:
             bar.close()
-            for f in followers:
-                if f.status == "running":
-                    f.status = "ok" if sgd_status == "ok" else f"stopped with sgd ({sgd_status})"
-            flush(rows)
-            flush(snaps)
-            writer.set(summary())
             writer.close()
+            summary = engine.summarise().by_label()
             (self.out / "summary.json").write_text(json.dumps({
-                "study": study.name, "out": str(self.out), "methods": methods,
-                "status": dict(zip(methods, summary()["status"].tolist())),
-                "wall_seconds": dict(zip(methods, summary()["wall_seconds"].tolist())),
-                "n_grad_evals": dict(zip(methods, summary()["n_grad_evals"].tolist())),
+                "study": study.name, "out": str(self.out), "dynamics": labels, **summary,
                 "regenerate": f"flowlab run {study.source or '<study>'} --out {self.out}",
             }, indent=2) + "\n")
         return open_result(self.out)
 
 
 def run(study: Study | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
-        progress: bool = False, recorders: Sequence[Recorder] = (), overrides: Sequence[str] = ()) -> xr.Dataset:
-    """Run a study (a :class:`Study` or the path of its TOML file); return its Dataset."""
+        progress: bool = False, recorders: Sequence[Recorder] = (), overrides: Sequence[str] = (),
+        flows: Sequence[Any] = (), parts: Sequence[Part] = ()) -> xr.Dataset:
+    """Run a study (a :class:`Study` or the path of its TOML file); return its Dataset.
+
+    ``flows``: continuous models as objects, besides the study's ``[[flows]]``
+    (``flowlab.flows.Continuous(GradientFlow(), integrator("torchdiffeq:dopri5", rtol=1e-8))`` or a
+    ``(flow, integrator)`` pair); ``recorders``: extra :class:`Recorder` instances; ``parts``: extra
+    :class:`Part` objects."""
     from .config import load_study
 
     if not isinstance(study, Study):
         study = load_study(study, overrides)
     elif overrides:
         study = study.with_overrides(overrides)
-    return Run(study, out, overwrite=overwrite, progress=progress, recorders=recorders).execute()
+    return Run(study, out, overwrite=overwrite, progress=progress, recorders=recorders, flows=flows,
+               parts=parts).execute()

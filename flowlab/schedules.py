@@ -51,9 +51,10 @@ def warmup(step: int, lr: float, warmup_steps: int = 100) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def build_schedule(name: str, lr: float, options: dict, steps: int) -> np.ndarray:
-    """The learning rates η_0 … η_{steps−1} as an array (validated: finite and > 0)."""
-    fn = SCHEDULES.resolve(name, "optimizer.schedule.name")
+def build_schedule(name: str, lr: float, options: dict, steps: int, registry: Registry | None = None) -> np.ndarray:
+    """The learning rates η_0 … η_{steps−1} as an array (validated: finite and > 0); ``name``
+    resolved in ``registry`` (a study's schedules; default flowlab's own)."""
+    fn = (registry if registry is not None else SCHEDULES).resolve(name, "optimizer.schedule.name")
     opts = dict(options)
     if name == "cosine":
         opts.setdefault("period", steps)

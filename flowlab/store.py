@@ -22,21 +22,21 @@ import numpy as np
 import xarray as xr
 
 from .errors import FlowlabError
-from .recording import Variable
+from .recording import RENAMED_DIMS, Variable
 
 STORE_NAME = "trajectory.zarr"
 CHUNK_BYTES = 8 << 20
 
 
-def _chunks(var: Variable, n_methods: int, rows: int) -> tuple[int, ...]:
+def _chunks(var: Variable, n_dynamics: int, rows: int) -> tuple[int, ...]:
     itemsize = np.dtype(var.dtype).itemsize
-    if var.grows_along == "snapshot":  # one snapshot of one method per chunk, long dims split
+    if var.grows_along == "snapshot":  # one snapshot of one dynamics per chunk, long dims split
         cap = max(1, CHUNK_BYTES // itemsize)
-        return tuple(1 if d in ("method", "snapshot") else min(s, cap)
-                     for d, s in zip(var.dims, var.full_shape(n_methods, 1)))
-    per_row = max(1, int(np.prod(var.full_shape(n_methods, 1), dtype=np.int64))) * itemsize
+        return tuple(1 if d in ("dynamics", "snapshot") else min(s, cap)
+                     for d, s in zip(var.dims, var.full_shape(n_dynamics, 1)))
+    per_row = max(1, int(np.prod(var.full_shape(n_dynamics, 1), dtype=np.int64))) * itemsize
     rows = max(1, min(rows, CHUNK_BYTES // per_row))
-    return var.full_shape(n_methods, rows)
+    return var.full_shape(n_dynamics, rows)
 
 
 STATUS_WIDTH = 256
@@ -51,20 +51,20 @@ def _fixed_strings(values: Any) -> np.ndarray:
     return arr
 
 
-def skeleton(variables: Sequence[Variable], methods: Sequence[str], attrs: dict[str, Any]) -> xr.Dataset:
+def skeleton(variables: Sequence[Variable], labels: Sequence[str], attrs: dict[str, Any]) -> xr.Dataset:
     """An empty Dataset (zero-length ``time`` and ``snapshot``) with every variable declared."""
-    M = len(methods)
+    M = len(labels)
     coords: dict[str, Any] = {
-        "method": ("method", np.array(methods, dtype=str)),
+        "dynamics": ("dynamics", np.array(labels, dtype=str)),
         "time": ("time", np.zeros(0, dtype=np.float64), {"long_name": "t = Σ η_k"}),
         "step": ("time", np.zeros(0, dtype=np.int64), {"long_name": "updates completed"}),
         "snapshot": ("snapshot", np.zeros(0, dtype=np.float64), {"long_name": "time of the θ snapshot"}),
         "snapshot_step": ("snapshot", np.zeros(0, dtype=np.int64)),
     }
     data_vars: dict[str, Any] = {
-        "status": ("method", np.array(["running"] * M, dtype=f"<U{STATUS_WIDTH}")),
-        "wall_seconds": ("method", np.zeros(M)),
-        "n_grad_evals": ("method", np.zeros(M, dtype=np.int64)),
+        "status": ("dynamics", np.array(["running"] * M, dtype=f"<U{STATUS_WIDTH}")),
+        "wall_seconds": ("dynamics", np.zeros(M)),
+        "n_grad_evals": ("dynamics", np.zeros(M, dtype=np.int64)),
     }
     for v in variables:
         for name, values in v.coords.items():
@@ -72,7 +72,7 @@ def skeleton(variables: Sequence[Variable], methods: Sequence[str], attrs: dict[
         for name, (dim, values) in v.dim_coords.items():
             coords[name] = (dim, _fixed_strings(values))
         if v.grows_along is None:
-            lead = (M,) if v.per_method else ()
+            lead = (M,) if v.per_dynamics else ()
             data_vars[v.name] = (v.dims, np.full((*lead, *v.shape), np.nan, dtype=v.dtype), v.attrs)
         else:
             data_vars[v.name] = (v.dims, np.zeros(v.full_shape(M, 0), dtype=v.dtype), v.attrs)
@@ -82,7 +82,7 @@ def skeleton(variables: Sequence[Variable], methods: Sequence[str], attrs: dict[
 class TrajectoryWriter:
     """Streams rows into a zarr store from a background thread."""
 
-    def __init__(self, path: str | Path, variables: Sequence[Variable], methods: Sequence[str],
+    def __init__(self, path: str | Path, variables: Sequence[Variable], labels: Sequence[str],
                  attrs: dict[str, Any], chunk_rows: int = 512, overwrite: bool = False):
         self.path = Path(path)
         if self.path.exists():
@@ -90,10 +90,10 @@ class TrajectoryWriter:
                 raise FlowlabError(f"output {self.path} exists: pass --overwrite (or choose another --out)")
             shutil.rmtree(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.methods = list(methods)
+        self.labels = list(labels)
         self.variables = {v.name: v for v in variables}
-        ds = skeleton(variables, methods, attrs)
-        encoding = {v.name: {"chunks": _chunks(v, len(methods), chunk_rows)} for v in variables if v.grows_along}
+        ds = skeleton(variables, labels, attrs)
+        encoding = {v.name: {"chunks": _chunks(v, len(labels), chunk_rows)} for v in variables if v.grows_along}
         for name in ("time", "step", "snapshot", "snapshot_step"):
             encoding[name] = {"chunks": (max(chunk_rows, 64),)}
         with warnings.catch_warnings():
@@ -143,12 +143,12 @@ class TrajectoryWriter:
 
     # ------------------------------------------------------------------ API
     def append(self, dim: str, arrays: dict[str, np.ndarray], steps: np.ndarray, times: np.ndarray) -> None:
-        """Append rows along ``dim`` (``time`` or ``snapshot``): arrays are (method, rows, ...)."""
+        """Append rows along ``dim`` (``time`` or ``snapshot``): arrays in their variables' dim order."""
         if len(times):
             self._submit(self._append, dim, arrays, steps, times)
 
     def set(self, arrays: dict[str, np.ndarray]) -> None:
-        """Overwrite per-method variables (status, wall_seconds, ...)."""
+        """Overwrite per-dynamics variables (status, wall_seconds, ...)."""
         self._submit(self._set, {k: np.asarray(v) for k, v in arrays.items()})
 
     def wait(self) -> None:
@@ -185,11 +185,20 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(coords).assign(data)
 
 
+def renamed_dims(ds: xr.Dataset) -> xr.Dataset:
+    """A Dataset written before the dim renames (``method`` → ``dynamics``, ``group`` →
+    ``symmetry_group``: xarray's ``sel(method=...)`` and ``groupby(group=...)`` swallowed them) with
+    the new names; others pass unchanged."""
+    rename = {old: new for old, new in RENAMED_DIMS.items() if old in ds.dims and new not in ds.dims}
+    return ds.rename(rename) if rename else ds
+
+
 def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
-    """Open a run's Dataset: ``out`` is its output folder, a ``.zarr`` store or a netCDF file."""
+    """Open a run's Dataset: ``out`` is its output folder, a ``.zarr`` store or a netCDF file.
+    Stores written before the ``dynamics`` / ``symmetry_group`` renames open with the new dims."""
     p = Path(out)
     if p.is_file() and p.suffix in (".nc", ".nc4", ".netcdf", ".h5"):
-        ds = _plain_strings(xr.open_dataset(p, engine="h5netcdf"))
+        ds = renamed_dims(_plain_strings(xr.open_dataset(p, engine="h5netcdf")))
         return ds.load() if load else ds
     z = _zarr_path(p)
     if not z.exists():
@@ -200,7 +209,7 @@ def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
             ds = xr.open_zarr(z, consolidated=True, chunks=None)
         except (KeyError, FileNotFoundError, ValueError):
             ds = xr.open_zarr(z, consolidated=False, chunks=None)
-    ds = _plain_strings(ds)
+    ds = renamed_dims(_plain_strings(ds))
     return ds.load() if load else ds
 
 

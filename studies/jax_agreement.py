@@ -37,9 +37,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flowlab import build, parse_study  # noqa: E402
-from flowlab.plugins import load_plugins  # noqa: E402
-
-load_plugins()
 from flowlab.flows import Hyper, make_flow, make_integrator  # noqa: E402
 from flowlab.flows.library import BUILTIN_FLOWS  # noqa: E402
 from flowlab.jaxbackend import JaxProblem  # noqa: E402

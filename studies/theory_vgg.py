@@ -52,7 +52,7 @@ def run_all(names, steps, force):
 
 def errors(ds):
     """{variant: {kind: (max relative error, final relative error, groups)}} for the discrete run."""
-    Q = ds.quantity.isel(method=0).values
+    Q = ds.quantity.isel(dynamics=0).values
     scale = np.maximum(np.abs(Q[0]), ds.group_scale.values)
     out = {}
     for v in ds.variant.values:

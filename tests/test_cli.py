@@ -16,7 +16,7 @@ def test_run_quickstart_then_export(tmp_path, capsys):
     assert "sgd" in text and "ok" in text and "trajectory.zarr" in text
     ds = flowlab.open_result(out)
     assert ds.step.values.tolist() == [0, 4, 8, 12, 16, 20]
-    assert ds.method.values[0] == "sgd"
+    assert ds.dynamics.values[0] == "sgd"
     rc = main(["export", str(out), "--netcdf", str(tmp_path / "qs.nc")])
     assert rc == 0 and (tmp_path / "qs.nc").exists()
     back = flowlab.open_result(tmp_path / "qs.nc")

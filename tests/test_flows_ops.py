@@ -127,7 +127,7 @@ def test_rop_engine_matches_autograd(model, data, loss):
     batch = problem.batch()
     loss_e, g_e = engine.grad(th, batch)
     loss_a, g_a = problem.loss_and_grad(th, batch)
-    hv_a = problem._hvp_double(th, v, batch)
+    hv_a = problem.hvp_double_backward(th, v, batch)
     engine.grad(th, batch)
     torch.testing.assert_close(loss_e, loss_a, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(g_e, g_a, rtol=1e-12, atol=1e-14)
@@ -164,32 +164,105 @@ def test_row_stage_solver_takes_torchdiffeqs_steps(method, dtype):
     method, summed in another order.  Where the error estimates are far above round-off (dopri5,
     bosh3, adaptive_heun here) it takes torchdiffeq's own steps and lands on its states to
     round-off; a high-order method whose error estimate is near round-off (dopri8 at rtol 1e-7 in
-    float64) may pick slightly different steps, so there both must agree to their tolerance."""
-    from torchdiffeq._impl.misc import _check_inputs
-    from torchdiffeq._impl.odeint import SOLVERS
+    float64) may pick slightly different steps, so there both must agree to their tolerance.
 
-    from flowlab.flows.integrators import _rows_solver
+    The guard of flowlab's use of torchdiffeq's private internals (flowlab.flows._torchdiffeq): the
+    fast path, interval by interval, against torchdiffeq's public ``odeint`` over all the times."""
+    import torchdiffeq
+
+    from flowlab.flows import _torchdiffeq
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 40, generator=g, dtype=dtype) / 40 ** 0.5
     y0 = torch.randn(40, generator=g, dtype=dtype)
-    t = torch.tensor([0.0, 0.7, 1.5, 3.0], dtype=torch.float64)
+    t = [0.0, 0.7, 1.5, 3.0]
     rtol = 1e-7 if dtype == torch.float64 else 1e-4
-    calls = {}
+    if method == "adaptive_heun":  # order 2: thousands of steps at 1e-7 (8 s); 1e-5 is still far above round-off
+        rtol = max(rtol, 1e-5)
+    calls, steps = {}, {}
 
-    def solve(tag, wrap):
+    def field(tag):
         def f(t_, y):
             calls[tag] = calls.get(tag, 0) + 1
             return -torch.tanh(W @ y) - 0.1 * y
 
-        _, func, y, tt, rt, at, m, options, _, _ = _check_inputs(f, y0, t, rtol, rtol / 100, method, {}, None, SOLVERS)
-        return wrap(SOLVERS[m])(func=func, y0=y, rtol=rt, atol=at, **options).integrate(tt)
+        return f
 
-    ref = solve("torchdiffeq", lambda cls: cls)
-    got = solve("rows", _rows_solver)
+    class Counted:
+        def __call__(self, t_, y):
+            return field("torchdiffeq")(t_, y)
+
+        def callback_accept_step(self, t0, y, dt):
+            steps["torchdiffeq"] = steps.get("torchdiffeq", 0) + 1
+
+    with torch.no_grad():
+        ref = torchdiffeq.odeint(Counted(), y0, torch.tensor(t, dtype=torch.float64), rtol=rtol, atol=rtol / 100,
+                                 method=method)
+        solver = _torchdiffeq.adaptive_solver(field("rows"), y0, t[0], rtol=rtol, atol=rtol / 100, method=method,
+                                              on_accept=lambda: steps.__setitem__("rows", steps.get("rows", 0) + 1))
+        got = torch.stack([y0] + [solver.advance(t1) for t1 in t[1:]])
+    assert solver.fast
     gap = float((got - ref).abs().max() / ref.abs().max())
     if method == "dopri8":
         assert gap <= 10 * rtol and calls["rows"] > 20
     else:
-        assert calls["rows"] == calls["torchdiffeq"] > 20
+        assert calls["rows"] == calls["torchdiffeq"] > 20 and steps["rows"] == steps["torchdiffeq"]
         assert gap <= 1e3 * torch.finfo(dtype).eps
+
+
+# ------------------------------------------------------------------ integrator contract
+
+
+def test_one_tightened_for_every_kind_of_integrator():
+    """Integrator.tightened: adaptive → rtol/atol ÷ factor (given, else the float64 defaults);
+    fixed → dt ÷ factor, and a default step η ÷ factor through fixed_dt(hp)."""
+    from flowlab.flows import Hyper, make_integrator
+    from flowlab.flows.integrators import default_tolerances
+
+    hp = Hyper(lr=0.1)
+    adaptive = make_integrator("torchdiffeq:dopri5")
+    t = adaptive.tightened(10.0)
+    assert (t.rtol, t.atol) == tuple(x / 10.0 for x in default_tolerances(torch.float64))
+    assert adaptive.rtol is None and type(t) is type(adaptive)
+    assert make_integrator("torchdiffeq:bosh3", 1e-6, 1e-9).tightened(4.0).tols(torch.float32) == (1e-6 / 4.0, 1e-9 / 4.0)
+    fixed = make_integrator("flowlab:rk4")
+    assert fixed.fixed_dt(hp) == 0.1 and fixed.tightened(10.0).fixed_dt(hp) == 0.1 / 10.0
+    assert fixed.tightened(10.0).tightened(2.0).fixed_dt(hp) == 0.1 / 20.0 and fixed.dt_divisor == 1.0
+    given = make_integrator("torchdiffeq:rk4", dt=0.05).tightened(5.0)
+    assert given.dt == 0.05 / 5.0 and given.fixed_dt(hp) == 0.05 / 5.0
+
+
+def test_default_tolerances_are_defined_once():
+    from flowlab.flows.integrators import default_tolerances
+
+    assert default_tolerances(torch.float64) == default_tolerances("float64") == (1e-7, 1e-7 * 1e-2)
+    assert default_tolerances(torch.float32) == (1e-5, 1e-5 * 1e-2)
+    assert default_tolerances("float64", rtol=1e-9) == (1e-9, 1e-9 * 1e-2) and default_tolerances("float32", 1e-3, 1.0) == (1e-3, 1.0)
+
+
+def test_land_modes_and_the_old_booleans():
+    from flowlab.errors import ConfigError
+    from flowlab.flows import INTEGRATORS
+
+    rk4 = INTEGRATORS["flowlab:rk4"]
+    assert rk4().land == rk4(land="auto").land == rk4(land=False).land == "interpolate"
+    assert rk4(land="exact").land == rk4(land=True).land == "exact"
+    with pytest.raises(ConfigError) as err:
+        rk4(land="sometimes")
+    assert err.value.field == "integrator_options.land"
+
+
+@pytest.mark.parametrize("name,kwargs,field", [
+    ("flowlab:rk4", {"rtol": 1e-6}, "rtol"),
+    ("flowlab:rk4", {"atol": 1e-6}, "atol"),
+    ("flowlab:rk4", {"check_every": -1}, "integrator_options.check_every"),
+    ("torchdiffeq:rk4", {}, "dt"),
+    ("torchdiffeq:dopri5", {"max_steps": 0}, "integrator_options.max_steps"),
+])
+def test_integrator_errors_name_fields_relative_to_the_flow(name, kwargs, field):
+    from flowlab.errors import ConfigError
+    from flowlab.flows import INTEGRATORS
+
+    with pytest.raises(ConfigError) as err:
+        INTEGRATORS[name](**kwargs)
+    assert err.value.field == field

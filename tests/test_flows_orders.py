@@ -45,7 +45,7 @@ def _quadratic_study():
 def test_orders_on_a_quadratic_all_flows():
     """Linear dynamics, no third derivative: the η-expansion flows at η = 0.1 … 0.025; the momentum
     flows at η = 0.05 … 0.0125 (their η² coefficient carries powers of 1/(1−β) and the asymptotic
-    regime starts lower, THEORY.md's start-up note)."""
+    regime starts lower, docs/theory.md#start-up-and-time-shift)."""
     study = _quadratic_study()
     gd = [n for n in EXPECTED if not n.startswith("momentum")]
     hb = [n for n in EXPECTED if n.startswith("momentum")]

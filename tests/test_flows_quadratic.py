@@ -1,7 +1,7 @@
 """Every flow against its closed form on the quadratic L = ½θᵀAθ (the paper's Fig. 4 A), float64.
 
 On a quadratic every flow is a linear ODE: θ(t) = expm(tM) θ0 (or the (θ, θ') system), with M
-written here from THEORY.md independently of the flow code.  Tolerances follow from the solver's:
+written here from docs/theory.md#continuous-models-of-sgd independently of the flow code.  Tolerances follow from the solver's:
 dopri5 at rtol 1e-10 / atol 1e-12 over t ≤ 2.5 (a few dozen steps, each held to rtol) keeps the
 global error below 10·rtol·|θ0| (measured: ~1e-11); fixed-step RK4 must show its order 4 when dt halves.
 """
@@ -77,25 +77,25 @@ def test_registry_has_the_contract_names():
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_every_flow_in_a_run_matches_its_closed_form(tmp_path, beta):
     flows = [{"name": n, "rtol": RTOL, "atol": ATOL} for n in ALL]
-    flows.append({"name": "modified_loss", "hvp": "finite_difference", "label": "igr_fd", "rtol": RTOL, "atol": ATOL})
+    flows.append({"name": "modified_loss", "correction": "finite_difference", "label": "igr_fd", "rtol": RTOL, "atol": ATOL})
     study = quadratic_study(flows, momentum=beta)
     ds = flowlab.run(study, tmp_path / "out").load()
     hp = Hyper(lr=0.1, weight_decay=0.05, momentum=beta)
     times = ds.snapshot.values
     assert len(times) == 21
-    for i, label in enumerate(ds.method.values[1:], start=1):
+    for i, label in enumerate(ds.dynamics.values[1:], start=1):
         name = "modified_loss" if label == "igr_fd" else label.split("@")[0]
         assert ds.status.values[i] == "ok", (label, ds.status.values[i])
         want = np.stack([closed_form(name, hp, t) for t in times])
-        got = ds.theta.isel(method=i).values
+        got = ds.theta.isel(dynamics=i).values
         err = np.abs(got - want).max()
         assert err <= 10 * RTOL * np.abs(THETA0).max(), (label, err)
         # the loss a flow reports is the full-batch L at its θ (L = ½θᵀAθ, no weight decay)
         loss = 0.5 * np.einsum("ti,ij,tj->t", want, A, want)
-        np.testing.assert_allclose(ds.loss.isel(method=i).values, loss, rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(ds.loss.isel(dynamics=i).values, loss, rtol=1e-7, atol=1e-12)
         # distance is measured against the discrete run at the same t
-        sgd = ds.theta.isel(method=0).values
-        np.testing.assert_allclose(ds.distance.isel(method=i).values, np.linalg.norm(got - sgd, axis=1), atol=1e-12)
+        sgd = ds.theta.isel(dynamics=0).values
+        np.testing.assert_allclose(ds.distance.isel(dynamics=i).values, np.linalg.norm(got - sgd, axis=1), atol=1e-12)
 
 
 def test_first_order_momentum_flows_are_recorded_with_the_time_shift(tmp_path):
@@ -104,8 +104,8 @@ def test_first_order_momentum_flows_are_recorded_with_the_time_shift(tmp_path):
                             momentum=beta)
     ds = flowlab.run(study, tmp_path / "out").load()
     shift = lr * beta / (1 - beta)
-    np.testing.assert_allclose(ds.flow_time.isel(method=1).values, np.maximum(ds.time.values - shift, 0.0), atol=1e-12)
-    got = ds.theta.isel(method=1).values
+    np.testing.assert_allclose(ds.flow_time.isel(dynamics=1).values, np.maximum(ds.time.values - shift, 0.0), atol=1e-12)
+    got = ds.theta.isel(dynamics=1).values
     np.testing.assert_allclose(got[:4], np.tile(THETA0, (4, 1)), atol=1e-15)  # t ≤ s: still θ0
     assert np.abs(got[4] - THETA0).max() > 1e-3
 

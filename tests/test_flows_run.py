@@ -28,13 +28,30 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
         make_flow("gradiant_flow")
     with pytest.raises(ConfigError, match="torchdiffeq:dopri5.*flowlab:rk4|flowlab:rk4.*torchdiffeq:dopri5"):
         make_integrator("torchdiffeq:dopri7")
-    with pytest.raises(ConfigError, match="unknown option; allowed: hvp, fd_step"):
-        make_flow("modified_loss", {"hvpp": "exact"})
+    with pytest.raises(ConfigError, match="flows.correctio = 'hvp': unknown option; allowed: correction, fd_step"):
+        make_flow("modified_loss", {"correctio": "hvp"})
     with pytest.raises(ConfigError, match="fixed-step.*dt"):
         make_integrator("torchdiffeq:rk4")
     raw = small_study(flows=[{"name": "no_such_flow"}])
-    with pytest.raises(ConfigError, match="flows\\[0\\].name"):
+    with pytest.raises(ConfigError, match="^flows.0.name = 'no_such_flow'"):
         _run(tmp_path, raw)
+
+
+def test_errors_name_the_field_as_set_accepts_it(tmp_path):
+    """An error inside the second flow's integrator options names flows.1.integrator_options.max_steps,
+    and ``--set`` takes that very path to fix it."""
+    raw = small_study(optimizer={"steps": 2}, flows=[
+        {"name": "gradient_flow", "integrator": "flowlab:rk4", "dt": 0.05, "label": "a"},
+        {"name": "gradient_flow", "label": "b", "integrator_options": {"max_steps": -1}}])
+    study = flowlab.parse_study(raw)
+    with pytest.raises(ConfigError) as err:
+        flowlab.run(study, tmp_path / "a")
+    assert err.value.field == "flows.1.integrator_options.max_steps" and err.value.value == -1
+    ds = flowlab.run(study.with_overrides([f"{err.value.field}=100"]), tmp_path / "b")
+    assert list(ds.status.values) == ["ok", "ok", "ok"]
+    with pytest.warns(DeprecationWarning, match="now named correction"):
+        old = make_flow("modified_loss", {"hvp": "finite_difference"})
+    assert old.correction == "finite_difference" and old.law(flowlab.flows.Hyper(0.1)) is None
 
 
 def test_cli_lists_flows_and_integrators(capsys):
@@ -53,7 +70,7 @@ def test_flows_beside_minibatch_sgd_integrate_the_full_batch_loss(tmp_path):
                       # so the run's flows are step-for-step the standalone ones below
                       theory={"flow_laws": False})
     ds = _run(tmp_path, raw)
-    assert list(ds.method.values) == ["sgd", "gradient_flow@torchdiffeq:dopri5", "modified_loss@flowlab:rk4"]
+    assert list(ds.dynamics.values) == ["sgd", "gradient_flow@torchdiffeq:dopri5", "modified_loss@flowlab:rk4"]
     assert list(ds.status.values) == ["ok", "ok", "ok"]
     # the same flows integrated alone over the full-batch L_λ give the same θ at the recording times
     study = flowlab.parse_study(raw)
@@ -66,10 +83,10 @@ def test_flows_beside_minibatch_sgd_integrate_the_full_batch_loss(tmp_path):
         session = integ.start(flow, ops, hp, 0.0, flow.initial_state(problem.theta0.clone(), ops, hp))
         for j, t in enumerate(ds.snapshot.values):
             th = session.advance(float(t))[0]
-            np.testing.assert_allclose(ds.theta.isel(method=i, snapshot=j).values, th.numpy(), rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(ds.theta.isel(dynamics=i, snapshot=j).values, th.numpy(), rtol=1e-12, atol=1e-13)
             full = float(problem.full_loss(th))
-            assert ds.loss.isel(method=i).sel(time=t).item() == pytest.approx(full, rel=1e-12)
-            assert ds.full_loss.isel(method=i).sel(time=t).item() == pytest.approx(full, rel=1e-12)
+            assert ds.loss.isel(dynamics=i).sel(time=t).item() == pytest.approx(full, rel=1e-12)
+            assert ds.full_loss.isel(dynamics=i).sel(time=t).item() == pytest.approx(full, rel=1e-12)
     # bookkeeping: nfe grows, rk4 takes ⌈0.3/0.05⌉ = 6 steps of 4 evaluations per interval
     nfe = ds.nfe.values
     assert np.all(np.diff(nfe[1]) > 0)
@@ -108,17 +125,17 @@ def test_a_flow_that_blows_up_is_stopped_and_the_others_go_on(tmp_path, monkeypa
         ],
     }
     ds = _run(tmp_path, raw)
-    status = dict(zip(ds.method.values, ds.status.values))
+    status = dict(zip(ds.dynamics.values, ds.status.values))
     assert status["sgd"] == "ok" and status["gradient_flow@torchdiffeq:dopri5"] == "ok"
     for label in ("explode_dopri5", "explode_rk4"):
         assert status[label].startswith(("blew up", "stopped")), status[label]
-        i = list(ds.method.values).index(label)
-        d = ds.distance.isel(method=i).values
+        i = list(ds.dynamics.values).index(label)
+        d = ds.distance.isel(dynamics=i).values
         # t* = 0.5 for θ0 = 1: rows before t* are kept; from the stop on they are NaN
         stop = int(np.argmax(np.isnan(d)))
         assert stop > 0 and np.all(np.isfinite(d[:stop])) and np.all(np.isnan(d[stop:]))
         assert 0.5 - 1e-9 <= ds.time.values[stop] <= 0.7 + 1e-9, (label, ds.time.values[stop])
-    assert np.all(np.isfinite(ds.distance.isel(method=3).values))
+    assert np.all(np.isfinite(ds.distance.isel(dynamics=3).values))
 
 
 def test_momentum_flows_refuse_nesterov(tmp_path):
@@ -154,7 +171,7 @@ def test_a_schedule_restarts_the_flow_with_the_new_lr(tmp_path):
         return th
 
     for j, t in enumerate(ds.snapshot.values):
-        np.testing.assert_allclose(ds.theta.isel(method=1, snapshot=j).values, exact(t), atol=1e-9)
+        np.testing.assert_allclose(ds.theta.isel(dynamics=1, snapshot=j).values, exact(t), atol=1e-9)
 
 
 def _conserved(W1, b1, W2):
@@ -177,7 +194,7 @@ def test_gradient_flow_conserves_the_symmetry_quantities(tmp_path, activation):
     ds = _run(tmp_path, raw)
     assert ds.status.values[1] == "ok"
     layout = flowlab.ParamLayout.from_dict(__import__("json").loads(ds.attrs["param_layout"]))
-    thetas = ds.theta.isel(method=1).values
+    thetas = ds.theta.isel(dynamics=1).values
 
     def parts(th):
         d = {e.name: th[e.slice].reshape(e.shape) for e in layout.entries}

@@ -19,13 +19,11 @@ import torch
 from flowlab import losses, models, parse_study
 from flowlab.data import Data
 from flowlab.errors import FlowlabError
-from flowlab.plugins import load_plugins
 from flowlab.problem import Problem
 
 torch.set_num_threads(1)
 jax = pytest.importorskip("jax")
 pytest.importorskip("diffrax")
-load_plugins()
 from flowlab.flows import FlowStopped, Hyper, make_flow, make_integrator  # noqa: E402
 from flowlab.flows.library import BUILTIN_FLOWS  # noqa: E402
 from flowlab.flows.torch_ops import TorchOps  # noqa: E402
@@ -332,7 +330,7 @@ def test_study_with_both_backends_in_one_dataset(tmp_path):
         ],
     })
     ds = Run(study, tmp_path / "run", overwrite=True).execute()
-    methods = [str(m) for m in ds.method.values]
+    methods = [str(m) for m in ds.dynamics.values]
     assert methods == ["sgd", "torch", "jax", "jax_adaptive"]
     assert all(str(s) == "ok" for s in ds.status.values)
     i_torch, i_jax, i_adaptive = 1, 2, 3
@@ -377,7 +375,7 @@ def test_diffrax_on_a_model_without_twin_says_so(tmp_path, monkeypatch):
         "data": {"name": "gaussian_mixture", "n": 10, "dim": 3, "classes": 2},
         "optimizer": {"lr": 0.1, "steps": 2}, "flows": [{"name": "gradient_flow", "integrator": "diffrax:Tsit5"}],
     })
-    with pytest.raises(FlowlabError, match=r"flows.integrator = 'diffrax:Tsit5'.*no JAX twin.*Squared.*torchdiffeq"):
+    with pytest.raises(FlowlabError, match=r"integrator = 'diffrax:Tsit5'.*no JAX twin.*Squared.*torchdiffeq"):
         Run(study, tmp_path / "out").execute()
 
 

@@ -37,15 +37,15 @@ def test_round_trip_zarr_and_netcdf(tmp_path):
     steps = [s for s, *_ in tape.rows]
     assert ds.step.values.tolist() == steps == list(range(0, 37, 2)) + [37]
     np.testing.assert_array_equal(ds.time.values, [t for _, t, *_ in tape.rows])
-    np.testing.assert_array_equal(ds.loss.sel({"method": "sgd"}).values, [loss for *_, loss in tape.rows])
+    np.testing.assert_array_equal(ds.loss.sel(dynamics="sgd").values, [loss for *_, loss in tape.rows])
     # projections: seeded Gaussian matrix applied to the recorded θ
     R = torch.randn(4, len(tape.rows[0][2]), generator=torch.Generator().manual_seed(0 + 7919),
                     dtype=torch.float64) / np.sqrt(len(tape.rows[0][2]))
     expected = torch.stack([R @ th for _, _, th, _ in tape.rows]).numpy()
-    np.testing.assert_allclose(ds.projection.sel({"method": "sgd"}).values, expected, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ds.projection.sel(dynamics="sgd").values, expected, rtol=1e-13, atol=1e-15)
     # snapshots: t = 0, every 10 steps (first record at or after), and the end
     assert ds.snapshot_step.values.tolist() == [0, 10, 20, 30, 37]
-    np.testing.assert_array_equal(ds.theta.sel({"method": "sgd"}).values, torch.stack([t for _, t in tape.snaps]).numpy())
+    np.testing.assert_array_equal(ds.theta.sel(dynamics="sgd").values, torch.stack([t for _, t in tape.snaps]).numpy())
     assert ds.snapshot.values.tolist() == [ds.time.values[steps.index(s)] for s in [0, 10, 20, 30, 37]]
     assert ds.status.values.tolist() == ["ok"] and int(ds.n_grad_evals.values[0]) == 38
     assert np.all(ds.distance.values == 0)
@@ -138,19 +138,19 @@ def test_store_is_readable_while_running(tmp_path):
 
 
 def test_recorder_variables_with_their_own_dims(tmp_path):
-    """Variables without a method dim and with the time dim in the middle round-trip in order."""
+    """Variables without a dynamics dim and with the time dim in the middle round-trip in order."""
     from flowlab.recording import Variable
 
     class R(Recorder):
         def variables(self, ctx):
             return [Variable("per_run", ("kind_", "time", "slot"), shape=(2, 3),
                              coords={"kind_": np.array(["a", "b"], dtype=object), "slot": np.arange(3)}),
-                    Variable("per_method", ("method", "slot", "time"), shape=(3,))]
+                    Variable("per_dynamics", ("dynamics", "slot", "time"), shape=(3,))]
 
         def record(self, rows, point):
             k = float(point.step)
             rows.put("per_run", None, torch.tensor([[k, 1.0, 2.0], [-k, 3.0, 4.0]], dtype=torch.float64))
-            rows.put("per_method", point.index, torch.tensor([k, k + 1, k + 2], dtype=torch.float64))
+            rows.put("per_dynamics", point.index, torch.tensor([k, k + 1, k + 2], dtype=torch.float64))
 
     raw = small_study(optimizer={"steps": 11}, record={"chunk": 4})
     ds = flowlab.run(flowlab.parse_study(raw), tmp_path / "o", recorders=[R()]).load()
@@ -159,5 +159,57 @@ def test_recorder_variables_with_their_own_dims(tmp_path):
     np.testing.assert_array_equal(ds.per_run.values[0, :, 0], steps)
     np.testing.assert_array_equal(ds.per_run.values[1, :, 0], -steps)
     np.testing.assert_array_equal(ds.per_run.values[1, :, 2], 4.0)
-    assert ds.per_method.dims == ("method", "slot", "time")
-    np.testing.assert_array_equal(ds.per_method.values[0, 2], steps + 2)
+    assert ds.per_dynamics.dims == ("dynamics", "slot", "time")
+    np.testing.assert_array_equal(ds.per_dynamics.values[0, 2], steps + 2)
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
+
+
+def test_dynamics_dim_selects_by_keyword(tmp_path):
+    """``ds.x.sel(dynamics=...)`` selects (a dim named ``method`` was swallowed by sel's own keyword)."""
+    raw = small_study(optimizer={"steps": 3}, flows=[{"name": "gradient_flow", "integrator": "flowlab:rk4",
+                                                      "dt": 0.05, "label": "gf"}])
+    ds = flowlab.run(flowlab.parse_study(raw), tmp_path / "o").load()
+    assert ds.loss.dims == ("dynamics", "time")
+    assert ds.loss.sel(dynamics="sgd").dims == ("time",)
+    np.testing.assert_array_equal(ds.loss.sel(dynamics="gf").values, ds.loss.values[1])
+    assert ds.quantity.dims == ("dynamics", "time", "symmetry_group")
+    kinds = ds.quantity.groupby(group_kind=xr.groupers.UniqueGrouper()).max()  # no dim swallowed by groupby either
+    assert set(kinds.group_kind.values) == set(ds.group_kind.values)
+    from flowlab.recording import XARRAY_KEYWORDS
+
+    assert not XARRAY_KEYWORDS & set(ds.dims)
+
+
+@pytest.mark.parametrize("path", ["old_layout", "old_layout/trajectory.zarr", "old_layout.nc"])
+def test_old_layout_store_opens_with_the_new_dims(path):
+    """tests/data holds a store (and its netCDF export) written before the dim renames."""
+    ds = flowlab.open_result(DATA / path, load=True)
+    assert "method" not in ds.dims and "group" not in ds.dims
+    assert list(ds.dynamics.values) == ["sgd", "gf"]
+    assert ds.quantity.dims == ("dynamics", "time", "symmetry_group")
+    assert ds.theory.dims == ("variant", "time", "symmetry_group")
+    assert ds.group_kind.dims == ("symmetry_group",)
+    np.testing.assert_array_equal(ds.loss.sel(dynamics="gf").values, ds.loss.values[1])
+    assert ds.loss.sel(dynamics="sgd").shape == (ds.sizes["time"],)
+
+
+def test_old_layout_store_reports_and_exports(tmp_path, capsys):
+    from flowlab.cli import main
+
+    assert main(["report", str(DATA / "old_layout"), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "gf" in out and "translation" in out
+    path = flowlab.export_netcdf(DATA / "old_layout", tmp_path / "new.nc")
+    assert "dynamics" in flowlab.open_result(path).dims
+
+
+def test_variable_dims_old_names_and_clashes():
+    from flowlab.recording import Variable
+
+    with pytest.warns(DeprecationWarning, match="now named"):
+        v = Variable("x", ("method", "time", "group"), shape=(3,))
+    assert v.dims == ("dynamics", "time", "symmetry_group") and v.per_dynamics
+    with pytest.raises(ValueError, match="keywords of xarray"):
+        Variable("y", ("time", "dim"), shape=(2,))

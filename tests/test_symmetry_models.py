@@ -1,5 +1,5 @@
 """Group detection on networks written here (not the zoo): the detected groups must be exactly the
-ones THEORY.md defines — no missing, no false.  Each expected group is written out by hand from
+ones docs/theory.md#groups-in-real-networks defines — no missing, no false.  Each expected group is written out by hand from
 the parameter shapes (W[c], b[c], W'[:, c], ...), independently of the detector.
 
 The model builders are also used as ``[model] name = "test_symmetry_models:..."`` by the run tests.

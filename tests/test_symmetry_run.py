@@ -1,4 +1,4 @@
-"""Recording through ``flowlab.run``: the exact discrete identities of THEORY.md, read back from the
+"""Recording through ``flowlab.run``: the exact discrete identities of docs/theory.md, read back from the
 Dataset, and the commands ``flowlab symmetries / check / report``.
 
 Plain SGD with coupled L2 (λ) and batches, per group (float64):
@@ -48,7 +48,7 @@ def fine(tmp_path_factory):
 
 
 def _identity_errors(ds):
-    Q = ds.quantity.isel(method=0).values  # (time, group)
+    Q = ds.quantity.isel(dynamics=0).values  # (time, group)
     c = ds.weight_decay_factor.values[:, None]
     A = ds.grad_term_acc.values
     scale = ds.group_scale.values
@@ -59,15 +59,15 @@ def _identity_errors(ds):
 
 def test_contract_variables_and_coords(fine):
     ds = fine
-    G = ds.sizes["group"]
+    G = ds.sizes["symmetry_group"]
     assert G > 0
     for name in ("quantity", "drift"):
-        assert ds[name].dims == ("method", "time", "group")
+        assert ds[name].dims == ("dynamics", "time", "symmetry_group")
     for name in ("grad_term", "grad_term_acc"):
-        assert ds[name].dims == ("time", "group")
+        assert ds[name].dims == ("time", "symmetry_group")
     assert ds.weight_decay_factor.dims == ("time",)
     for coord in ("group_kind", "group_layer", "group_size", "group_unit", "group_scale"):
-        assert ds[coord].dims == ("group",)
+        assert ds[coord].dims == ("symmetry_group",)
     assert set(ds.group_kind.values) == {"translation", "scale", "rescale"}
     assert "momentum_P" not in ds  # only with momentum
     np.testing.assert_array_equal(ds.drift.values, ds.quantity.values - ds.quantity.values[:, :1])
@@ -82,7 +82,7 @@ def test_exact_discrete_identities_sgd_weight_decay_batches(fine):
     print(f"max relative identity error over {ds.sizes['time'] - 1} steps: {err.max():.2e}")
     assert err.max() <= TOL
     # the same, one step at a time, from the per-step gradient terms (independent of the accumulator)
-    Q = ds.quantity.isel(method=0).values
+    Q = ds.quantity.isel(dynamics=0).values
     G = ds.grad_term.values
     eta = np.diff(ds.time.values)[:, None]
     lam = 0.05
@@ -94,7 +94,7 @@ def test_exact_discrete_identities_sgd_weight_decay_batches(fine):
     c = np.concatenate([[1.0], np.cumprod(1 - eta[:, 0] * lam)])
     np.testing.assert_allclose(ds.weight_decay_factor.values, c, rtol=1e-14)
     # the law is genuinely broken (so the identity is not trivially 0 = 0)
-    assert np.abs(ds.drift.isel(method=0).values[-1] / ds.group_scale.values).max() > 1e-3
+    assert np.abs(ds.drift.isel(dynamics=0).values[-1] / ds.group_scale.values).max() > 1e-3
 
 
 def test_coarse_record_interval_loses_nothing(fine, tmp_path):
@@ -107,7 +107,7 @@ def test_coarse_record_interval_loses_nothing(fine, tmp_path):
     assert _identity_errors(coarse).max() <= TOL
     # the accumulator equals the decaying sum of every step's gradient term (numpy, from the fine run)
     eta, lam = np.diff(fine.time.values), 0.05
-    A = np.zeros(fine.sizes["group"])
+    A = np.zeros(fine.sizes["symmetry_group"])
     acc = [A.copy()]
     for k in range(len(eta)):
         A = (1 - eta[k] * lam) ** 2 * A + eta[k] ** 2 * fine.grad_term.values[k]
@@ -119,7 +119,7 @@ def test_momentum_recursions(tmp_path):
     beta, lam, eta = 0.9, 0.01, 0.05
     ds = flowlab.run(_study(tmp_path, momentum=beta, wd=lam, steps=25, schedule={"name": "constant"})
                      .with_overrides([f"optimizer.lr={eta}"]), out=tmp_path / "mom", overwrite=True).load()
-    Q = ds.quantity.isel(method=0).values
+    Q = ds.quantity.isel(dynamics=0).values
     P, V, U = ds.momentum_P.values, ds.momentum_V.values, ds.momentum_U.values
     t = ds.group_kind.values == "translation"
     scale = ds.group_scale.values
@@ -138,7 +138,7 @@ def test_symmetry_disabled_and_recording_does_not_perturb_the_run(tmp_path):
     the trajectory is bit-for-bit the same with and without the recorder."""
     off = _run(tmp_path, "off", steps=4, symmetry={"enabled": False})
     on = _run(tmp_path, "on", steps=4)
-    assert "quantity" not in off and "group" not in off.dims and "quantity" in on
+    assert "quantity" not in off and "symmetry_group" not in off.dims and "quantity" in on
     np.testing.assert_array_equal(off.theta.values, on.theta.values)
     np.testing.assert_array_equal(off.loss.values, on.loss.values)
 
@@ -228,8 +228,8 @@ def test_gradient_flow_conserves_every_quantity(tmp_path, model):
     raw["optimizer"]["batch_size"] = "full"
     raw["flows"] = [{"name": "gradient_flow", "integrator": "flowlab:rk4", "dt": 0.0025, "label": "gf"}]
     ds = flowlab.run(flowlab.parse_study(raw), out=tmp_path / "gf", overwrite=True).load()
-    assert list(ds.method.values) == ["sgd", "gf"] and str(ds.status.values[1]) == "ok"
-    rel = np.abs(ds.drift.values) / ds.group_scale.values  # (method, time, group)
+    assert list(ds.dynamics.values) == ["sgd", "gf"] and str(ds.status.values[1]) == "ok"
+    rel = np.abs(ds.drift.values) / ds.group_scale.values  # (dynamics, time, symmetry_group)
     print(f"gradient flow: max relative drift {rel[1].max():.1e}; gd {rel[0].max():.1e}")
     assert rel[1].max() <= 1e-8
     assert rel[0].max() > 100 * rel[1].max()

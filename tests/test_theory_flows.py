@@ -40,10 +40,10 @@ def test_flow_laws_hold_to_solver_tolerance(tmp_path, names, momentum, integrato
     assert all(s == "ok" for s in ds.status.values)
     scale = ds.group_scale.values
     assert np.isnan(ds.flow_law.values[0]).all()  # sgd has no flow law
-    for i in range(1, ds.sizes["method"]):
+    for i in range(1, ds.sizes["dynamics"]):
         law, q = ds.flow_law.values[i], ds.quantity.values[i]
         err = np.abs(law - q) / scale
-        assert err.max() <= 1e-7, (str(ds.method.values[i]), err.max())
+        assert err.max() <= 1e-7, (str(ds.dynamics.values[i]), err.max())
         # and the law is not trivial: the quantities moved far more than that
         moved = np.abs(q[-1] - q[0]) / scale
         assert np.median(moved) > 1e-4

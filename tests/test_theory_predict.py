@@ -116,7 +116,7 @@ def test_paper_hat_is_closer_than_paper_without_forcing():
 
 @pytest.mark.parametrize("beta, lam, eta", [(0.9, 5e-2, 0.01), (0.9, 0.0475, 0.1), (0.5, 1e-3, 0.1)])
 def test_oscillator_propagator_matches_closed_forms(beta, lam, eta):
-    """C(t) and G(s) of THEORY.md's table (under-, critically, over-damped) from the recursion."""
+    """C(t) and G(s) of docs/theory.md#oscillator-regimes (under-, critically, over-damped) from the recursion."""
     gamma = (1 - beta) / (eta * (1 + beta))
     omega2 = 4 * lam / (eta * (1 + beta))
     steps = 300

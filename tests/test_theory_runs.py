@@ -17,12 +17,12 @@ def _run(tmp_path, optimizer, model=None, every=3, steps=120, eps=1e-30, **secti
     built = flowlab.build(study)
     for m in built.problem.module.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eps = eps  # BN's ε is what makes scale invariance approximate (THEORY.md); negligible here
+            m.eps = eps  # BN's ε is what makes scale invariance approximate (docs/theory.md#batchnorm-epsilon); negligible here
     return flowlab.Run(study, tmp_path / "o", built=built).execute().load()
 
 
 def _rel_err(ds, variant):
-    Q = ds.quantity.isel(method=0).values
+    Q = ds.quantity.isel(dynamics=0).values
     P = ds.theory.sel(variant=variant).values
     return np.abs(P - Q) / ds.group_scale.values
 
@@ -40,14 +40,14 @@ def test_exact_discrete_matches_the_run(tmp_path, optimizer):
     assert np.isfinite(err).all()
     assert err.max() <= 1e-10, err.max()
     # the measured quantities did move (the identity is not trivially satisfied)
-    drift = np.abs(ds.drift.isel(method=0).values[-1]) / ds.group_scale.values
+    drift = np.abs(ds.drift.isel(dynamics=0).values[-1]) / ds.group_scale.values
     assert np.median(drift) > 1e-3
 
 
 def test_variants_and_their_ordering_of_errors(tmp_path):
     ds = _run(tmp_path, {"weight_decay": 2e-2}, steps=150)
     assert list(ds.variant.values) == ["conservation", "gradient_flow", "paper", "paper_hat", "exact_discrete"]
-    assert ds.theory.dims == ("variant", "time", "group")
+    assert ds.theory.dims == ("variant", "time", "symmetry_group")
     worst = {v: _rel_err(ds, v).max() for v in ds.variant.values}
     # the discrete identity is exact; the continuous laws beat ignoring the gradient term
     assert worst["exact_discrete"] < 1e-12 < worst["paper_hat"] < min(worst["gradient_flow"], worst["conservation"])

@@ -146,8 +146,8 @@ def _hvp_rows(label: str, problem: flowlab.Problem, repeats: int) -> list[tuple[
     th = problem.theta0.clone()
     v = torch.randn(problem.dim, generator=torch.Generator().manual_seed(1)).to(th.dtype)
     batch = problem.batch()
-    rows = [(f"{label}: HVP double backward", *_ratio(lambda: problem._hvp_double(th, v, batch), raw, repeats)),
-            (f"{label}: HVP forward-over-reverse", *_ratio(lambda: problem._hvp_fwdrev(th, v, batch), raw, repeats))]
+    rows = [(f"{label}: HVP double backward", *_ratio(lambda: problem.hvp_double_backward(th, v, batch), raw, repeats)),
+            (f"{label}: HVP forward-over-reverse", *_ratio(lambda: problem.hvp_forward_over_reverse(th, v, batch), raw, repeats))]
     state = {}
 
     def grad_graph():

@@ -41,7 +41,7 @@ def raw_loop(built: flowlab.Built, steps: int) -> float:
     opt_cfg = study.optimizer
     model = problem.module
     with torch.no_grad():
-        problem._theta.copy_(problem.theta0)
+        problem.load(problem.theta0)
     opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
                           weight_decay=opt_cfg.weight_decay, dampening=opt_cfg.dampening, nesterov=opt_cfg.nesterov)
     sampler = flowlab.BatchSampler(problem.n, opt_cfg.batch_size, study.study.seed, opt_cfg.drop_last, problem.device)

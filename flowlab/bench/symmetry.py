@@ -80,7 +80,7 @@ def _step_time(steps: int, batch: int, dtype: str, device: str, enabled: bool) -
         clock = _Clock(run.problem.device)
         run.extra_recorders.append(clock)
         ds = run.execute()
-        groups = ds.sizes.get("group", 0)
+        groups = ds.sizes.get("symmetry_group", 0)
         ds.close()
     return (clock.t1 - clock.t0) / clock.steps, groups
 

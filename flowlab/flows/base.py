@@ -16,8 +16,7 @@ flow adds weight decay λ itself: L_λ = L + (λ/2)|θ|², ∇L_λ = g + λθ, H
 static under ``jax.jit``).  A state is a tuple of arrays: ``(θ,)`` or ``(θ, θ')``.
 
 **Time shift** — a flow is compared with the discrete run at matched times t = Σ η_k.  A flow whose
-``time_shift(hp)`` is s > 0 (the first-order momentum flows: s = ηβ/(1−β), THEORY.md's start-up
-note) is *recorded* at discrete time t with its own time t − s, i.e. the recorded trajectory is
+``time_shift(hp)`` is s > 0 (the first-order momentum flows: s = ηβ/(1−β), docs/theory.md#start-up-and-time-shift) is *recorded* at discrete time t with its own time t − s, i.e. the recorded trajectory is
 θ_rec(t) = θ_flow(max(t − s, 0)): the flow starts from θ0 when the discrete run has taken β/(1−β)
 steps' worth of time.  Second-order flows are started with θ'(0) = −∇L_λ(θ0)/(1+β) and need no shift.
 
@@ -28,7 +27,9 @@ the state at ``t1`` (raising :class:`FlowStopped` with the reason when the flow 
 state, step-size underflow, too many steps).  ``session.nfe`` counts vector-field evaluations,
 ``session.steps`` accepted steps.  A session never keeps past states (memory: one state plus the
 solver's stages).  Integrators for another backend set ``backend`` and provide ``make_ops(problem)``
-and ``to_torch(theta, like)`` so the follower can record their θ.
+and ``to_torch(theta, like)`` so the follower can record their θ.  ``integrator.tightened(factor)``
+(one implementation, here) copies it with rtol/atol or dt ÷ factor, as its ``kind`` declares; a
+fixed step given by default as η is read through ``integrator.fixed_dt(hp)``.
 """
 
 from __future__ import annotations
@@ -104,9 +105,41 @@ class Flow:
         """The options this flow was built with (for the Dataset's attrs)."""
         return {}
 
+    def law(self, hp: Hyper) -> Law | None:
+        """The law this flow's symmetry quantities obey along its own trajectory (None: none known).
+
+        It is part of the flow's definition: when a run records symmetries and theory, the follower
+        integrates the law alongside the flow (``flow_law`` in the Dataset; docs/theory.md,
+        "Laws along each flow")."""
+        return None
+
+    def observe(self, state: tuple) -> dict[str, Any]:
+        """Values the flow reports at a recording time beyond θ (into ``Point.extras``)."""
+        return {}
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
+
+
+CLOSED, FORCED, OSCILLATOR = "closed", "forced", "oscillator"
+
+
+@dataclass(frozen=True)
+class Law:
+    """How a flow's symmetry quantity Q evolves along the flow (docs/theory.md, "Laws along each flow").
+
+    ``closed``: Q' = −rate·Q; ``forced``: Q' = −rate·Q + gain·G_A + hvp_gain·⟨g_A, H∇L_λ⟩ with
+    G_A = |g_A|² (rescale: A1 − A2) of the full-batch gradient g; ``oscillator``:
+    x'' + 2γx' + ω²x = 2|θ'_A|².  Translation groups decay at rate/2 (oscillators: ω²/2) and are not
+    forced."""
+
+    kind: str  # closed | forced | oscillator
+    rate: float = 0.0
+    gain: float = 0.0
+    hvp_gain: float = 0.0
+    gamma: float = 0.0
+    omega2: float = 0.0
 
 
 # ----------------------------------------------------------- shared algebra (backend-agnostic)
@@ -174,25 +207,51 @@ class Integrator:
         return theta
 
     def trajectory(self, flow: Flow, problem: Any, hp: Hyper, times: Any) -> tuple[Any, Session]:
-        """Integrate ``flow`` on ``problem`` from its θ0, interval by interval up to each of ``times``
-        (as a run's follower does, without the run): θ at each time stacked as a torch tensor
-        (len(times), m), and the session (``nfe``, ``steps``, ...)."""
-        import torch
+        """Integrate ``flow`` on ``problem`` from its θ0 up to each of ``times`` in turn, as a run's
+        follower does (the same lock-step engine, without a discrete run and without a time shift):
+        θ at each time stacked as a torch tensor (len(times), m), and the last session (``nfe``,
+        ``steps``, ...).  Raises :class:`FlowStopped` when the flow cannot go on."""
+        from .follower import follow
 
-        ops = self.make_ops(problem)
-        with torch.no_grad():
-            state = tuple(flow.initial_state(problem.theta0.clone(), ops, hp))
-        session = self.start(flow, ops, hp, 0.0, state)
-        out = []
-        for t in times:
-            session.advance(float(t))
-            out.append(self.to_torch(flow.theta(session.state), problem.theta0).detach().clone())
-        return torch.stack(out), session
+        return follow(flow, self, problem, hp, times)
+
+    #: the tolerances and step as given (None: the defaults, :meth:`tols` and :meth:`fixed_dt`)
+    rtol: float | None = None
+    atol: float | None = None
+    dt: float | None = None
+    #: a fixed step given by default as η is η / dt_divisor (1; a tightened copy's: the factor)
+    dt_divisor: float = 1.0
+    #: names of per-integrator counter dicts (e.g. diffrax's ``stats``) that a tightened copy starts at zero
+    counters: ClassVar[tuple[str, ...]] = ()
+
+    def tols(self, dtype: Any) -> tuple[float, float]:
+        """(rtol, atol) for a state of ``dtype`` (torch or JAX dtype, or its name): the given ones,
+        else :func:`flowlab.flows.integrators.default_tolerances`."""
+        from .integrators import default_tolerances
+
+        return default_tolerances(dtype, self.rtol, self.atol)
+
+    def fixed_dt(self, hp: Hyper) -> float:
+        """The fixed step for a run with hyperparameters ``hp``: ``dt`` if given, else the learning
+        rate η (÷ :attr:`dt_divisor`, the tightening factor of a tightened copy)."""
+        return self.dt if self.dt is not None else hp.lr / self.dt_divisor
 
     def tightened(self, factor: float = 10.0) -> Integrator:
-        """A copy with tolerances (adaptive) or step (fixed) tighter by ``factor`` (for reference
-        solutions checked by tightening)."""
-        raise NotImplementedError
+        """A copy tighter by ``factor`` (for reference solutions checked by tightening): ``kind``
+        "adaptive": rtol and atol (as given, else the float64 defaults of :meth:`tols`) ÷ factor;
+        "fixed": dt ÷ factor (and the default step η ÷ factor, :meth:`fixed_dt`).  The copy shares
+        everything else and its :attr:`counters` start at zero."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        for name in self.counters:
+            setattr(new, name, {k: type(v)(0) for k, v in getattr(self, name).items()})
+        if self.kind == "fixed":
+            new.dt = None if self.dt is None else self.dt / factor
+            new.dt_divisor = self.dt_divisor * factor
+        else:
+            rtol, atol = self.tols("float64")
+            new.rtol, new.atol = rtol / factor, atol / factor
+        return new
 
     def describe(self) -> dict:
         return {"name": self.name}

@@ -1,80 +1,135 @@
-"""Flows in lock step with the discrete run: one :class:`FlowFollower` per ``[[flows]]`` entry.
+"""Flows in lock step with the discrete run: one :class:`FlowFollower` per continuous model.
 
-The runner calls ``advance_to(t)`` then ``point(...)`` at every recording time t = Σ η_k; the
-follower integrates its flow over the full-batch L_λ from the previous recording time to t (one
-state in memory), and reports θ(t − s) (s: the flow's time shift, :mod:`flowlab.flows.base`), the
-full-batch loss there and its evaluation counts.  With a learning-rate schedule the flow uses
-η(t) = η_k on [t_k, t_{k+1}) and its integrator is restarted (from the current state) wherever η
-changes.  A flow that blows up is stopped with the reason as its ``status``; the run goes on.
+The lock-step engine (:mod:`flowlab.engine`) calls ``advance_to(t)`` then ``point(...)`` at every
+recording time t = Σ η_k; the follower integrates its flow over the full-batch L_λ from the previous
+recording time to t (one state in memory), and reports θ(t − s) (s: the flow's time shift,
+:mod:`flowlab.flows.base`), the full-batch loss there and its evaluation counts.  With a
+learning-rate schedule the flow uses η(t) = η_k on [t_k, t_{k+1}) and its integrator is restarted
+(from the current state) wherever η changes.  A flow that blows up is stopped with the reason as its
+``status``; the run goes on.
+
+A follower is built from a flow and an integrator — objects (:class:`Continuous`, the Python API)
+or names from a study's ``[[flows]]`` (:meth:`FlowFollower.from_spec`) — and, where the run
+records symmetry laws, with the flow composed with its own law (the theory part's ``laws``
+service) before anything is integrated.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..build import Built
-from ..config import FlowSpec
 from ..errors import ConfigError
 from ..recording import Point, Recorder, Rows, RunContext, Variable
-from .base import FlowStopped, Hyper
-from .registry import make_flow, make_integrator
+from .base import Flow, FlowStopped, Hyper, Integrator
+from .config import FlowSpec, default_label
+from .registry import check_flow, make_flow, make_integrator
 
 
-def hyper_of(built: Built, lr: float | None = None) -> Hyper:
-    opt = built.study.optimizer
-    return Hyper(lr=float(built.lrs[0] if lr is None else lr), weight_decay=float(opt.weight_decay),
-                 momentum=float(opt.momentum))
+@dataclass(frozen=True)
+class Continuous:
+    """A continuous model given as objects: ``Continuous(GradientFlow(), integrator("flowlab:rk4",
+    dt=0.05), label="gf")`` (``flowlab.run(study, flows=[...])``; a ``(flow, integrator)`` pair is
+    read the same way)."""
+
+    flow: Flow
+    integrator: Integrator
+    label: str = ""
+
+    @classmethod
+    def of(cls, obj: Any, index: int = 0) -> Continuous:
+        if isinstance(obj, Continuous):
+            return obj
+        if isinstance(obj, tuple) and len(obj) in (2, 3):
+            return cls(*obj)
+        raise ConfigError(f"flows.{index}", obj, "expected flowlab.flows.Continuous(flow, integrator, label) "
+                          "or a (flow, integrator) pair")
 
 
 class FlowFollower:
-    """One flow integrated alongside the discrete run (the runner's ``Follower`` protocol)."""
+    """One flow integrated alongside the discrete run (the engine's ``Dynamics`` protocol).
 
-    def __init__(self, spec: FlowSpec, built: Built, index: int = 0):
-        section = f"flows[{index}]"
-        options = dict(spec.options)
-        integ_opts = options.pop("integrator_options", {})
-        if not isinstance(integ_opts, Mapping):
-            raise ConfigError(f"{section}.integrator_options", integ_opts, "expected a table of integrator options")
-        self.spec = spec
-        self.label = spec.label or f"{spec.name}@{spec.integrator}"
-        self.flow = make_flow(spec.name, options, section=f"{section}.name")
-        self.integrator = make_integrator(spec.integrator, spec.rtol, spec.atol, spec.dt, integ_opts,
-                                          section=f"{section}.integrator")
-        self.problem = built.problem
-        opt = built.study.optimizer
-        if getattr(self.flow, "discrete", "gd") == "heavy_ball" and (opt.nesterov or opt.dampening):
-            raise ConfigError(f"{section}.name", spec.name, "momentum flows model heavy ball with dampening 0 "
-                              "and no Nesterov; this study's optimizer differs")
-        self.ops = self.integrator.make_ops(self.problem)
-        self.lrs = np.asarray(built.lrs, dtype=np.float64)
-        self.times = np.asarray(built.times, dtype=np.float64)
-        self.built = built
-        self.hp0 = hyper_of(built)
-        self.shift = float(self.flow.time_shift(self.hp0))
+    ``lrs``: the discrete run's learning rates η_k (the flow's η(t) follows them); ``times``: its
+    times t_k (default Σ η); ``shifted``: record at t with flow time t − s (False: no time shift,
+    for a flow alone); ``full_loss``: evaluate the full-batch loss at every point."""
+
+    def __init__(self, flow: Flow, integrator: Integrator, problem: Any, lrs: Sequence[float], *,
+                 weight_decay: float = 0.0, momentum: float = 0.0, label: str = "", times: Sequence[float] | None = None,
+                 shifted: bool = True, full_loss: bool = True):
+        self.flow, self.integrator, self.problem = flow, integrator, problem
+        self.label = label or default_label(getattr(flow, "name", type(flow).__name__), integrator)
+        self.ops = integrator.make_ops(problem)
+        self.lrs = np.asarray(lrs, dtype=np.float64).reshape(-1)
+        self.times = (np.concatenate([[0.0], np.cumsum(self.lrs)]) if times is None
+                      else np.asarray(times, dtype=np.float64))
+        self.weight_decay, self.momentum = float(weight_decay), float(momentum)
+        self.hp0 = self.hyper(float(self.lrs[0]))
+        self.shift = float(flow.time_shift(self.hp0)) if shifted else 0.0
         # discrete times where η changes (the integrator restarts there)
         change = np.flatnonzero(self.lrs[1:] != self.lrs[:-1]) + 1
         self.change_times = self.times[change] - self.shift
+        self.with_loss = full_loss
         self.status = "running"
         self.wall_seconds = 0.0
-        self.session = None
+        self.session: Any = None
         self.flow_time = 0.0
         self._nfe_before = 0
         self._steps_before = 0
         self._state0: tuple | None = None
 
+    @classmethod
+    def from_spec(cls, spec: FlowSpec, built: Any, index: int = 0, laws: Any = None) -> FlowFollower:
+        """The follower of a study's ``[[flows]]`` entry ``index`` (names resolved against the study's
+        parts; errors name ``flows.INDEX.key``)."""
+        section = f"flows.{index}"
+        study = built.study
+        flow = make_flow(spec.name, spec.flow_options, section, registry=study.registry("flows"))
+        integ = make_integrator(spec.integrator, spec.rtol, spec.atol, spec.dt, spec.integrator_options, section,
+                                registry=study.registry("integrators"))
+        return cls.for_run(flow, integ, built, spec.label, section, laws)
+
+    @classmethod
+    def for_run(cls, flow: Flow, integrator: Integrator, built: Any, label: str = "", section: str = "flows",
+                laws: Any = None) -> FlowFollower:
+        """A follower of ``built``'s discrete run (its learning rates, weight decay and momentum),
+        its flow composed with its law when ``laws`` (the theory part's service) is given."""
+        check_flow(flow, f"{section}.name", flow)
+        opt = built.study.optimizer
+        if getattr(flow, "discrete", "gd") == "heavy_ball" and (opt.nesterov or opt.dampening):
+            raise ConfigError(f"{section}.name", getattr(flow, "name", flow), "momentum flows model heavy ball with "
+                              "dampening 0 and no Nesterov; this study's optimizer differs")
+        hp0 = Hyper(float(built.lrs[0]), float(opt.weight_decay), float(opt.momentum))
+        label = label or default_label(getattr(flow, "name", type(flow).__name__), integrator)
+        if laws is not None:
+            flow = laws.compose(flow, hp0, label)
+        try:  # the integrator's ops (a JAX twin of the model for diffrax) are made here
+            return cls(flow, integrator, built.problem, built.lrs, weight_decay=opt.weight_decay,
+                       momentum=opt.momentum, label=label)
+        except ConfigError as exc:
+            raise exc if exc.field.startswith(section) else exc.within(section) from None
+
     # ------------------------------------------------------------------ counts
+    def hyper(self, lr: float) -> Hyper:
+        return Hyper(lr=float(lr), weight_decay=self.weight_decay, momentum=self.momentum)
+
     @property
     def nfe(self) -> int:
         return self._nfe_before + (self.session.nfe if self.session is not None else 0)
 
     @property
+    def steps(self) -> int:
+        """Accepted integrator steps over every session."""
+        return self._steps_before + (int(getattr(self.session, "steps", 0)) if self.session is not None else 0)
+
+    @property
     def n_grad_evals(self) -> int:
-        return int(self.ops.counts.get("grad", 0)) if hasattr(self.ops, "counts") else self.nfe
+        counts = getattr(self.ops, "counts", None)
+        return int(counts.get("grad", 0)) if isinstance(counts, dict) else self.nfe
 
     @property
     def state(self) -> tuple:
@@ -85,7 +140,7 @@ class FlowFollower:
     def _hp(self, flow_t: float) -> Hyper:
         k = int(np.searchsorted(self.times, flow_t + self.shift + 1e-12 * max(1.0, abs(flow_t)), side="right")) - 1
         k = min(max(k, 0), len(self.lrs) - 1)
-        return self.hp0 if self.lrs[k] == self.hp0.lr else hyper_of(self.built, self.lrs[k])
+        return self.hp0 if self.lrs[k] == self.hp0.lr else self.hyper(self.lrs[k])
 
     def _initial(self) -> tuple:
         if self._state0 is None:
@@ -96,7 +151,7 @@ class FlowFollower:
     def _restart(self, t0: float, state: tuple) -> None:
         if self.session is not None:
             self._nfe_before += self.session.nfe
-            self._steps_before += self.session.steps
+            self._steps_before += int(getattr(self.session, "steps", 0))
         self.session = self.integrator.start(self.flow, self.ops, self._hp(t0), t0, state)
 
     # --------------------------------------------------------------- protocol
@@ -128,44 +183,73 @@ class FlowFollower:
     def point(self, index: int, step: int, t: float) -> Point:
         start = time.perf_counter()
         state = self.state
-        theta = self.integrator.to_torch(self.flow.theta(state), self.problem.theta0)
-        with torch.no_grad():
-            loss = self.problem.full_loss(theta)
-        velocity = (self.integrator.to_torch(state[1], self.problem.theta0)
-                    if getattr(self.flow, "state_size", len(state)) > 1 else None)  # wrappers may append state
+        like = self.problem.theta0
+        theta = self.integrator.to_torch(self.flow.theta(state), like)
+        loss = None
+        if self.with_loss:
+            with torch.no_grad():
+                loss = self.problem.full_loss(theta)
+        velocity = self.integrator.to_torch(state[1], like) if self.flow.state_size > 1 else None
+        observe = getattr(self.flow, "observe", None)
+        extras = observe(state) if observe is not None else {}
         self.wall_seconds += time.perf_counter() - start
-        return Point(self.label, index, step, t, theta, loss, None, None, velocity=velocity,
-                     extras={"nfe": self.nfe, "flow_time": self.flow_time, "full_loss": loss})
+        return Point(self.label, index, step, t, theta, loss, None, None, velocity=velocity, nfe=float(self.nfe),
+                     flow_time=self.flow_time, full_loss=loss, extras=extras)
 
     def describe(self) -> dict[str, Any]:
-        return {"label": self.label, "flow": self.spec.name, "order": self.flow.order, "time_shift": self.shift,
-                "integrator": self.integrator.describe(), "options": self.flow.options()}
+        return {"label": self.label, "flow": getattr(self.flow, "name", type(self.flow).__name__),
+                "order": self.flow.order, "time_shift": self.shift, "integrator": self.integrator.describe(),
+                "options": self.flow.options()}
 
 
-def build_followers(built: Built) -> list[FlowFollower]:
-    return [FlowFollower(spec, built, i) for i, spec in enumerate(built.study.flows)]
+def build_followers(setup: Any, laws: Any = None) -> list[FlowFollower]:
+    """The followers of a run: its study's ``[[flows]]``, then the flows given as objects."""
+    built = setup.built
+    out = [FlowFollower.from_spec(spec, built, i, laws) for i, spec in enumerate(built.study.flows)]
+    n = len(out)
+    for j, obj in enumerate(setup.flows):
+        c = Continuous.of(obj, n + j)
+        out.append(FlowFollower.for_run(c.flow, c.integrator, built, c.label, f"flows.{n + j}", laws))
+    return out
+
+
+class _KeepTheta(Recorder):
+    def __init__(self):
+        self.thetas: list[torch.Tensor] = []
+
+    def record(self, rows: Rows, point: Point) -> None:
+        self.thetas.append(point.theta.detach().clone())
+
+
+def follow(flow: Flow, integrator: Integrator, problem: Any, hp: Hyper, times: Sequence[float]) -> tuple[Any, Any]:
+    """``Integrator.trajectory``: ``flow`` alone from θ0 to each of ``times`` (no time shift)."""
+    from ..engine import drive
+
+    follower = FlowFollower(flow, integrator, problem, [hp.lr], weight_decay=hp.weight_decay, momentum=hp.momentum,
+                            shifted=False, full_loss=False)
+    keep = _KeepTheta()
+    drive([follower], times, [keep], problem.device)
+    if follower.status != "ok":
+        raise FlowStopped(follower.status)
+    return torch.stack(keep.thetas), follower.session
 
 
 class FlowStatsRecorder(Recorder):
-    """``nfe`` (method, time): vector-field evaluations so far (for ``sgd``: gradient evaluations);
-    ``flow_time`` (method, time): the flow's own time t − s at discrete time t (s: time shift)."""
+    """``nfe`` (dynamics, time): vector-field evaluations so far (for ``sgd``: gradient evaluations);
+    ``flow_time`` (dynamics, time): the flow's own time t − s at discrete time t (s: time shift)."""
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         return [
-            Variable("nfe", ("method", "time"), attrs={"long_name": "function evaluations so far (sgd: gradient evaluations)"}),
-            Variable("flow_time", ("method", "time"), attrs={
-                "long_name": "the method's own time at discrete time t: t − s, s = the flow's time shift",
-                "convention": "first-order momentum flows are recorded at t − ηβ/(1−β) (THEORY.md start-up note)"}),
+            Variable("nfe", ("dynamics", "time"), attrs={"long_name": "function evaluations so far (sgd: gradient evaluations)"}),
+            Variable("flow_time", ("dynamics", "time"), attrs={
+                "long_name": "the dynamics' own time at discrete time t: t − s, s = the flow's time shift",
+                "convention": "first-order momentum flows are recorded at t − ηβ/(1−β) (docs/theory.md, time shift)"}),
         ]
 
     def record(self, rows: Rows, point: Point) -> None:
-        if point.index == 0 and "nfe" not in point.extras:
-            rows.put("nfe", 0, float(point.step + 1))
-            rows.put("flow_time", 0, point.time)
+        if point.nfe is None:  # the discrete run: one gradient per update, recorded before update k
+            rows.put("nfe", point.index, float(point.step + 1))
+            rows.put("flow_time", point.index, point.time)
             return
-        rows.put("nfe", point.index, float(point.extras.get("nfe", np.nan)))
-        rows.put("flow_time", point.index, float(point.extras.get("flow_time", np.nan)))
-
-
-def flow_recorders(ctx: RunContext) -> list[Recorder]:
-    return [FlowStatsRecorder()] if ctx.study.flows else []
+        rows.put("nfe", point.index, point.nfe)
+        rows.put("flow_time", point.index, float(point.flow_time if point.flow_time is not None else np.nan))

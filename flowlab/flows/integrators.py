@@ -4,8 +4,17 @@
 All integrate interval by interval (``session.advance(t1)``), holding one state.  Adaptive
 torchdiffeq methods keep their step size across intervals and return the state at ``t1`` from their
 dense output (steps are not cut at recording times); flowlab's fixed-step methods step on the grid
-t0 + k·dt and interpolate between grid points (or, with ``land = true``, cut each interval into
-⌈Δt/dt⌉ equal steps so they land exactly on every recording time).
+t0 + k·dt and interpolate between grid points (``land = "interpolate"``, the default) or, with
+``land = "exact"``, cut each interval into ⌈Δt/dt⌉ equal steps so they land exactly on every
+recording time (the same ``land`` modes as the ``diffrax:*`` integrators).
+
+torchdiffeq's private internals (the adaptive sessions' fast path) are used only through
+:mod:`flowlab.flows._torchdiffeq`, which checks the installed version and falls back to
+torchdiffeq's public ``odeint`` (saying so once) where it does not recognise them.
+
+Tolerances default to :func:`default_tolerances` (shared with the diffrax integrators).  Errors in
+the options are :class:`ConfigError` with field paths relative to the flow's ``[[flows]]`` table
+(``"dt"``, ``"rtol"``, ``"integrator_options.land"``...).
 
 Failures become :class:`FlowStopped` with the reason: a non-finite state, a step-size underflow, or
 more than ``max_steps`` steps (default 10 000) in one recording interval.
@@ -19,17 +28,54 @@ networks (tanh, GELU, softplus) integrate to rtol 1e-10 without trouble.
 from __future__ import annotations
 
 import math
-import types
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
+from . import _torchdiffeq as _td
 from .base import Flow, FlowStopped, Hyper, Integrator, Ops
-from .registry import INTEGRATORS
 
-DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-5}
+#: default rtol by the state's dtype name (others: 1e-7); atol defaults to rtol/100
+_DEFAULT_RTOL = {"float64": 1e-7, "float32": 1e-5}
 DEFAULT_MAX_STEPS = 10_000
+#: where a fixed step lands at a recording time (the diffrax integrators take the same modes)
+LANDINGS = ("auto", "interpolate", "exact")
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float64"`` for torch.float64, a NumPy/JAX float64 dtype or scalar type, or ``"float64"``."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).rsplit(".", 1)[-1]
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        import numpy as np
+
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def default_tolerances(dtype: Any, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
+    """(rtol, atol) for a state of ``dtype`` (torch or JAX dtype, or its name): the given ones, else
+    rtol 1e-7 in float64 (and other dtypes), 1e-5 in float32, and atol = rtol/100 (of the rtol in use).
+    The one definition for every integrator (torchdiffeq's and diffrax's)."""
+    rtol = rtol if rtol is not None else _DEFAULT_RTOL.get(dtype_name(dtype), 1e-7)
+    atol = atol if atol is not None else rtol * 1e-2
+    return rtol, atol
+
+
+def landing(land: Any, default: str = "interpolate", aliases: bool = False) -> str:
+    """``land`` resolved to ``"interpolate"`` or ``"exact"`` (``"auto"``: ``default``); with
+    ``aliases``, the old booleans of flowlab's fixed-step integrators: true → "exact", false →
+    "interpolate".  A :class:`ConfigError` on ``integrator_options.land`` otherwise."""
+    if aliases and isinstance(land, bool):
+        return "exact" if land else "interpolate"
+    if not isinstance(land, str) or land not in LANDINGS:
+        allowed = ", ".join(LANDINGS) + (" (or true = exact, false = interpolate)" if aliases else "")
+        raise ConfigError("integrator_options.land", land, f"allowed: {allowed}")
+    return default if land == "auto" else land
 
 
 def _dtype_of(state: tuple) -> torch.dtype:
@@ -76,91 +122,27 @@ def _check_finite(y: torch.Tensor, t: float, name: str) -> None:
 # --------------------------------------------------------------------------- torchdiffeq
 
 
-def _torchdiffeq():
-    try:
-        import importlib
-
-        _odeint_mod = importlib.import_module("torchdiffeq._impl.odeint")
-    except ImportError as exc:  # pragma: no cover - a dependency
-        raise ConfigError("flows.integrator", "torchdiffeq:*", f"torchdiffeq is not installed ({exc})") from None
-    return _odeint_mod
-
-
-def _rows_rk_step(func, y0, f0, t0, dt, t1, tableau):
-    """torchdiffeq's ``_runge_kutta_step`` with the stages stored as contiguous ROWS (stages, m).
-
-    torchdiffeq keeps them as the last axis of an (m, stages) tensor and forms every stage as
-    ``torch.sum(k[..., :i+1] * (β_i dt), dim=-1)``: a reduction along a strided axis of length ≤ 7,
-    ~0.2 ms for m = 26k on this CPU, nine times a step.  The same sums as ``addmv`` over contiguous
-    rows take ~0.02 ms.  Same tableau, same stage times and perturbations, the same arithmetic up to
-    the order of the additions (round-off)."""
-    from torchdiffeq._impl.misc import Perturb  # once per step; torchdiffeq is imported lazily
-
-    t_dtype = y0.abs().dtype
-    t0, dt, t1 = t0.to(t_dtype), dt.to(t_dtype), t1.to(t_dtype)
-    k = torch.empty(len(tableau.alpha) + 1, y0.numel(), dtype=y0.dtype, device=y0.device)
-    k[0] = f0
-    yi = y0
-    for i, (alpha_i, beta_i) in enumerate(zip(tableau.alpha, tableau.beta)):
-        if alpha_i == 1.0:
-            ti, perturb = t1, Perturb.PREV  # just before the end time, in case of discontinuities
-        else:
-            ti, perturb = t0 + alpha_i * dt, Perturb.NONE
-        yi = torch.addmv(y0, k[:i + 1].T, beta_i * dt)
-        k[i + 1] = func(ti, yi, perturb=perturb)
-    if not (tableau.c_sol[-1] == 0 and (tableau.c_sol[:-1] == tableau.beta[-1]).all()):
-        yi = torch.addmv(y0, k.T, dt * tableau.c_sol)
-    return yi, k[-1], torch.mv(k.T, dt * tableau.c_error), k
-
-
-_ROWS_SOLVERS: dict[type, type] = {}
-
-
-def _rows_solver(cls: type) -> type:
-    """``cls`` (a torchdiffeq adaptive RK solver) whose steps use :func:`_rows_rk_step`: its
-    ``_adaptive_step`` is torchdiffeq's own code, run with ``_runge_kutta_step`` bound to ours (no
-    global patching: other torchdiffeq users in the process are untouched); ``_interp_fit`` reads
-    the stage rows."""
-    from torchdiffeq._impl import rk_common
-
-    base_cls = rk_common.RKAdaptiveStepsizeODESolver
-    if not (issubclass(cls, base_cls) and cls._adaptive_step is base_cls._adaptive_step
-            and cls._interp_fit is base_cls._interp_fit):
-        return cls  # a solver with its own stepping or interpolation keeps torchdiffeq's code
-    if cls not in _ROWS_SOLVERS:
-        base = base_cls._adaptive_step
-        step = types.FunctionType(base.__code__, {**rk_common.__dict__, "_runge_kutta_step": _rows_rk_step},
-                                  base.__name__, base.__defaults__, base.__closure__)
-
-        def _interp_fit(self, y0, y1, k, dt):
-            dt = dt.type_as(y0)
-            return rk_common._interp_fit(y0, y1, torch.addmv(y0, k.T, dt * self.mid), k[0], k[-1], dt)
-
-        _ROWS_SOLVERS[cls] = type(f"Rows{cls.__name__}", (cls,), {"_adaptive_step": step, "_interp_fit": _interp_fit})
-    return _ROWS_SOLVERS[cls]
-
-
 class TorchdiffeqIntegrator(Integrator):
     """A torchdiffeq method: adaptive ones take rtol/atol (defaults 1e-7/1e-9 in float64, 1e-5/1e-7
-    in float32), fixed-grid ones need ``dt``.  Options: ``max_steps`` (per recording interval) and
-    any option of the torchdiffeq solver (``first_step``, ``max_step``, ``safety``...)."""
+    in float32: :func:`default_tolerances`), fixed-grid ones need ``dt``.  Options: ``max_steps`` (per recording interval) and any option of
+    the torchdiffeq solver (``first_step``, ``max_step``, ``safety``...).  Adaptive sessions go
+    through :mod:`flowlab.flows._torchdiffeq` (row-stage fast path on a tested torchdiffeq, else its
+    public ``odeint`` per interval, said once)."""
 
     method: str = "dopri5"
 
     def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
                  max_steps: int = DEFAULT_MAX_STEPS, **solver_options: Any):
-        mod = _torchdiffeq()
-        self.solver_cls = mod.SOLVERS[self.method]
-        from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
-        from torchdiffeq._impl.solvers import FixedGridODESolver
-
-        self.adaptive = issubclass(self.solver_cls, RKAdaptiveStepsizeODESolver)
-        self.fixed = issubclass(self.solver_cls, FixedGridODESolver)
-        self.kind = "fixed" if self.fixed else "adaptive"
+        kind = _td.methods().get(self.method)
+        if kind is None:  # pragma: no cover - registered from the same table
+            raise ConfigError("integrator", self.name, f"torchdiffeq {_td.version()} has no method {self.method!r}")
+        self.kind = kind
+        self.adaptive = kind == "adaptive"
+        self.fixed = kind == "fixed"
         if self.fixed and dt is None:
-            raise ConfigError("flows.dt", None, f"torchdiffeq:{self.method} is a fixed-step method: give dt")
+            raise ConfigError("dt", None, f"torchdiffeq:{self.method} is a fixed-step method: give dt")
         if not isinstance(max_steps, int) or max_steps <= 0:
-            raise ConfigError("flows.integrator_options.max_steps", max_steps, "expected a positive integer")
+            raise ConfigError("integrator_options.max_steps", max_steps, "expected a positive integer")
         self.rtol, self.atol, self.dt = rtol, atol, dt
         self.max_steps = max_steps
         self.solver_options = dict(solver_options)
@@ -169,24 +151,8 @@ class TorchdiffeqIntegrator(Integrator):
     def name(self) -> str:  # type: ignore[override]
         return f"torchdiffeq:{self.method}"
 
-    def tols(self, dtype: torch.dtype) -> tuple[float, float]:
-        rtol = self.rtol if self.rtol is not None else DEFAULT_RTOL.get(dtype, 1e-7)
-        atol = self.atol if self.atol is not None else rtol * 1e-2
-        return rtol, atol
-
     def start(self, flow, ops, hp, t0, state):
         return _TorchdiffeqSession(self, flow, ops, hp, float(t0), state)
-
-    def tightened(self, factor: float = 10.0) -> TorchdiffeqIntegrator:
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        if self.fixed:
-            new.dt = self.dt / factor
-        else:
-            dtype = torch.float64
-            rtol, atol = self.tols(dtype)
-            new.rtol, new.atol = rtol / factor, atol / factor
-        return new
 
     def describe(self) -> dict:
         return {"name": self.name, "rtol": self.rtol, "atol": self.atol, "dt": self.dt, "max_steps": self.max_steps,
@@ -222,29 +188,23 @@ class _TorchdiffeqSession:
 
         return func
 
+    def _count_step(self) -> None:
+        self.steps += 1
+
     def _start_adaptive(self, y0: torch.Tensor, t0: float) -> None:
-        mod = _torchdiffeq()
-        from torchdiffeq._impl.misc import _check_inputs
-
         options = dict(self.integ.solver_options, max_num_steps=self.integ.max_steps)
-        t = torch.tensor([t0, t0 + 1.0], dtype=torch.float64, device=y0.device)
-        _, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(
-            self._func(), y0, t, self.rtol, self.atol, self.integ.method, options, None, mod.SOLVERS)
-        counter = self
-
-        def on_accept(t0_, y0_, dt_):
-            counter.steps += 1
-
-        func.callback_accept_step = on_accept
-        cls = mod.SOLVERS[method]
-        if y0.dim() == 1:
-            cls = _rows_solver(cls)  # flat state: the stages as contiguous rows (same steps, faster sums)
-        self.solver = cls(func=func, y0=y0, rtol=rtol, atol=atol, **options)
         try:
             with torch.no_grad():
-                self.solver._before_integrate(t)
+                self.solver = _td.adaptive_solver(self._func(), y0, t0, rtol=self.rtol, atol=self.atol,
+                                                  method=self.integ.method, options=options,
+                                                  on_accept=self._count_step)
         except AssertionError as exc:
             raise FlowStopped(self._reason(exc)) from None
+
+    @property
+    def fast(self) -> bool | None:
+        """Adaptive: whether the row-stage fast path is in use (None for fixed-grid methods)."""
+        return None if self.solver is None else self.solver.fast
 
     def _reason(self, exc: BaseException) -> str:
         msg = str(exc)
@@ -264,7 +224,7 @@ class _TorchdiffeqSession:
         try:
             with torch.no_grad():
                 if self.solver is not None:
-                    y = self.solver._advance(torch.tensor(t1, dtype=torch.float64, device=self.y.device))
+                    y = self.solver.advance(t1)
                 else:
                     y = self._advance_fixed(t1)
         except AssertionError as exc:
@@ -275,29 +235,22 @@ class _TorchdiffeqSession:
         return self.state
 
     def _advance_fixed(self, t1: float) -> torch.Tensor:
-        mod = _torchdiffeq()
         n = max(1, math.ceil((t1 - self.t) / self.integ.dt - 1e-9))
         options = dict(self.integ.solver_options, step_size=(t1 - self.t) / n)
         t = torch.tensor([self.t, t1], dtype=self.y.dtype, device=self.y.device)
-        y = mod.odeint(self._func(), self.y, t, rtol=self.rtol, atol=self.atol, method=self.integ.method,
+        y = _td.odeint(self._func(), self.y, t, rtol=self.rtol, atol=self.atol, method=self.integ.method,
                        options=options)[-1]
         self.steps += n
         return y
 
 
-def _register_torchdiffeq() -> None:
-    try:
-        mod = _torchdiffeq()
-    except ConfigError:  # pragma: no cover
-        return
-    for method, solver in mod.SOLVERS.items():
-        doc = f"torchdiffeq's {method} ({solver.__name__}); " + (
-            "rtol/atol" if "Fixed" not in " ".join(c.__name__ for c in solver.__mro__) else "fixed step: dt")
-        cls = type(f"Torchdiffeq_{method}", (TorchdiffeqIntegrator,), {"method": method, "__doc__": doc})
-        INTEGRATORS.add(f"torchdiffeq:{method}", cls, doc)
-
-
-_register_torchdiffeq()
+def _torchdiffeq_integrators() -> dict[str, type]:
+    out = {}
+    for method, kind in _td.methods().items():
+        doc = f"torchdiffeq's {method}; " + ("rtol/atol" if kind == "adaptive" else "fixed step: dt")
+        out[f"torchdiffeq:{method}"] = type(f"Torchdiffeq_{method}", (TorchdiffeqIntegrator,),
+                                            {"method": method, "__doc__": doc})
+    return out
 
 
 # -------------------------------------------------------------------------- fixed step
@@ -325,25 +278,25 @@ def _axpy(y: tuple, terms: list) -> tuple:
 class FixedStepIntegrator(Integrator):
     """flowlab's explicit fixed-step Runge–Kutta, in the problem's own device tensors under
     ``torch.no_grad`` (no autograd graph kept).  ``dt``: the step (default: the discrete run's
-    learning rate η).  ``land = false`` (default): steps of exactly dt on the grid t0 + k·dt, the
-    state at a recording time between two grid points from cubic Hermite interpolation (O(dt⁴), with
-    the derivative at the step's end, which is the next step's first stage: one evaluation more per
-    interval at most); ``land = true``: each recording interval cut into ⌈Δt/dt⌉ equal steps, so
-    every recording time is a step end.  ``check_every``: test the state for non-finite values every
-    so many steps (0: at the end of each interval only; each test syncs a GPU)."""
+    learning rate η).  ``land = "interpolate"`` (the default, = ``"auto"``): steps of exactly dt on
+    the grid t0 + k·dt, the state at a recording time between two grid points from cubic Hermite
+    interpolation (O(dt⁴), with the derivative at the step's end, which is the next step's first
+    stage: one evaluation more per interval at most); ``land = "exact"``: each recording interval
+    cut into ⌈Δt/dt⌉ equal steps, so every recording time is a step end.  The old booleans are
+    accepted: true = "exact", false = "interpolate".  ``check_every``: test the state for non-finite
+    values every so many steps (0: at the end of each interval only; each test syncs a GPU)."""
 
     kind = "fixed"
     scheme = "rk4"
 
     def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
-                 land: bool = False, check_every: int = 1):
+                 land: str | bool = "auto", check_every: int = 1):
         if rtol is not None or atol is not None:
-            raise ConfigError("flows.rtol", rtol if rtol is not None else atol,
+            raise ConfigError("rtol" if rtol is not None else "atol", rtol if rtol is not None else atol,
                               f"flowlab:{self.scheme} is a fixed-step method: give dt, not rtol/atol")
-        if not isinstance(land, bool):
-            raise ConfigError("flows.integrator_options.land", land, "expected true or false")
+        land = landing(land, "interpolate", aliases=True)
         if not isinstance(check_every, int) or check_every < 0:
-            raise ConfigError("flows.integrator_options.check_every", check_every, "expected an integer >= 0")
+            raise ConfigError("integrator_options.check_every", check_every, "expected an integer >= 0")
         self.dt = dt
         self.land = land
         self.check_every = check_every
@@ -356,13 +309,6 @@ class FixedStepIntegrator(Integrator):
     def start(self, flow, ops, hp, t0, state):
         return _FixedSession(self, flow, ops, hp, float(t0), state)
 
-    def tightened(self, factor: float = 10.0) -> FixedStepIntegrator:
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.dt = None if self.dt is None else self.dt / factor
-        new._factor = getattr(self, "_factor", 1.0) * factor
-        return new
-
     def describe(self) -> dict:
         return {"name": self.name, "dt": self.dt, "land": self.land}
 
@@ -370,7 +316,7 @@ class FixedStepIntegrator(Integrator):
 class _FixedSession:
     def __init__(self, integ: FixedStepIntegrator, flow: Flow, ops: Ops, hp: Hyper, t0: float, state: tuple):
         self.integ, self.flow, self.ops, self.hp = integ, flow, ops, hp
-        self.dt = integ.dt if integ.dt is not None else hp.lr / getattr(integ, "_factor", 1.0)
+        self.dt = integ.fixed_dt(hp)
         self.t = t0  # the time of ``state``
         self.state = tuple(s.detach().clone() for s in state)
         # dense mode: the last step [ta, tb] with states and derivatives at both ends
@@ -409,7 +355,7 @@ class _FixedSession:
         if t1 <= self.t:
             return self.state
         with torch.no_grad():
-            if self.integ.land:
+            if self.integ.land == "exact":
                 n = max(1, math.ceil((t1 - self.t) / self.dt - 1e-9))
                 h = (t1 - self.t) / n
                 y, t0 = self.state, self.t
@@ -443,9 +389,17 @@ class _FixedSession:
                      for ya, fa, yb, fb in zip(self.ya, self.fa, self.yb, self.fb))
 
 
-for _scheme in TABLEAUX:
-    _cls = type(f"FixedStep_{_scheme}", (FixedStepIntegrator,), {
-        "scheme": _scheme,
-        "__doc__": f"flowlab's fixed-step {_scheme} (dt, default η; no autograd graph kept; dense output or land = true)",
-    })
-    INTEGRATORS.add(f"flowlab:{_scheme}", _cls)
+def _fixed_step_integrators() -> dict[str, type]:
+    return {f"flowlab:{scheme}": type(f"FixedStep_{scheme}", (FixedStepIntegrator,), {
+        "scheme": scheme,
+        "__doc__": f"flowlab's fixed-step {scheme} (dt, default η; no autograd graph kept; land = interpolate | exact)",
+    }) for scheme in TABLEAUX}
+
+
+_BUILTIN: dict[str, type] = {**_torchdiffeq_integrators(), **_fixed_step_integrators()}
+
+
+def builtin_integrators() -> dict[str, type]:
+    """name → Integrator class: every torchdiffeq method (``torchdiffeq:<method>``) and flowlab's
+    fixed-step ``flowlab:<scheme>`` (the flows part's entries of the ``integrators`` registry)."""
+    return dict(_BUILTIN)

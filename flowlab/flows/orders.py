@@ -7,7 +7,7 @@ for the momentum flows — runs K = T/η steps from the study's θ0, and each fl
 the full-batch L_λ in lock step with it.  Conventions:
 
 - Matched times t_k = kη; a flow with time shift s (first-order momentum flows, s = ηβ/(1−β)) is
-  compared at its own time t_k − s (THEORY.md's start-up note).
+  compared at its own time t_k − s (docs/theory.md#start-up-and-time-shift).
 - Global error e(η) = max over the window t_k ∈ [skip·T, T] (default skip = 0.5: after the start-up
   transient) of |θ_k − θ_flow(t_k − s)| (parameter space), of the RMS difference of the model's
   outputs on the whole dataset (function space), and of |L(θ_k) − L(θ_flow)| (loss).
@@ -36,15 +36,20 @@ import torch
 import xarray as xr
 
 from ..build import Built, build
-from ..config import FlowSpec, Study, load_study
+from ..config import Study, load_study
+from ..engine import Clock, LockStep, Recording
 from ..errors import ConfigError, FlowlabError
+from ..parts import Command
 from ..problem import Problem
+from ..recording import Point, Recorder, Rows
 from ..sgd import DiscreteSGD
-from .base import FlowStopped, Hyper
+from .config import FlowSpec
+from .follower import FlowFollower
 from .library import BUILTIN_FLOWS
 from .registry import make_flow, make_integrator
 
-DEFAULT_RTOL = 1e-9
+#: the starting rtol of the reference solutions (tightened 10× until 100× below the error measured)
+REFERENCE_RTOL = 1e-9
 TOLERANCE = 0.2
 
 
@@ -52,7 +57,7 @@ def model_outputs(problem: Problem, theta: torch.Tensor) -> torch.Tensor:
     """The model's outputs on the whole dataset at θ (flattened, chunk by chunk)."""
     outs = []
     with torch.no_grad():
-        problem._load(theta)
+        problem.load(theta)
         for (X, _), _w in problem.chunks():
             outs.append(problem.module(X).reshape(-1))
     return torch.cat(outs)
@@ -68,45 +73,53 @@ def _discrete(built: Built, lr: float, steps: int, beta: float) -> DiscreteSGD:
     return DiscreteSGD(built.problem, opt, np.full(steps, lr), built.study.study.seed)
 
 
-def _one(built: Built, spec: FlowSpec, lr: float, horizon: float, beta: float, skip: float, integ: Any,
-         safety: float) -> dict[str, Any]:
-    """Errors of one flow at one η with a reference pair (integ, integ tightened 10×)."""
+class _Errors(Recorder):
+    """At every recorded t_k ≥ skip·T: the errors of the discrete run against the finer reference
+    (dynamics 1) and the gap between the two references (dynamics 2)."""
+
+    def __init__(self, problem: Problem, window_start: float):
+        self.problem, self.window_start = problem, window_start
+        self.e_th = self.e_out = self.e_loss = self.ref = 0.0
+        self.th_f: torch.Tensor | None = None
+
+    def record(self, rows: Rows, point: Point) -> None:
+        if point.index == 0 or point.time < self.window_start:
+            return
+        if point.index == 1:
+            problem = self.problem
+            th_f, th_d = point.theta.clone(), point.reference.clone()
+            self.th_f = th_f
+            self.e_th = max(self.e_th, float(torch.linalg.vector_norm(th_d - th_f)))
+            self.e_out = max(self.e_out, _rms(model_outputs(problem, th_d), model_outputs(problem, th_f)))
+            self.e_loss = max(self.e_loss, abs(float(problem.full_loss(th_d)) - float(problem.full_loss(th_f))))
+        else:
+            self.ref = max(self.ref, float(torch.linalg.vector_norm(point.theta - self.th_f)))
+
+
+def _one(built: Built, flow: Any, label: str, lr: float, horizon: float, beta: float, skip: float, integ: Any
+         ) -> dict[str, Any]:
+    """Errors of one flow at one η with a reference pair (integ, integ tightened 10×), run by the
+    lock-step engine beside K = T/η steps of GD (heavy ball for momentum flows)."""
     problem = built.problem
-    flow = make_flow(spec.name, {k: v for k, v in spec.options.items() if k != "integrator_options"})
-    hp = Hyper(lr=lr, weight_decay=float(built.study.optimizer.weight_decay), momentum=beta)
     K = int(round(horizon / lr))
     fine = integ.tightened(10.0)
-    ops_c, ops_f = integ.make_ops(problem), fine.make_ops(problem)
-    with torch.no_grad():
-        s0c = tuple(flow.initial_state(problem.theta0.clone(), ops_c, hp))
-        s0f = tuple(flow.initial_state(problem.theta0.clone(), ops_f, hp))
-    coarse, finer = integ.start(flow, ops_c, hp, 0.0, s0c), fine.start(flow, ops_f, hp, 0.0, s0f)
-    shift = float(flow.time_shift(hp))
+    wd = float(built.study.optimizer.weight_decay)
+    times = np.arange(K + 1) * lr
+    lrs = np.full(max(K, 1), lr)
+    finer, coarse = (FlowFollower(flow, i, problem, lrs, weight_decay=wd, momentum=beta, label=lab, times=times,
+                                  full_loss=False) for i, lab in ((fine, "fine"), (integ, "coarse")))
     sgd = _discrete(built, lr, K, beta)
-    e_th = e_out = e_loss = ref = 0.0
-    for k in range(K + 1):
-        t = k * lr
-        tau = t - shift
-        if tau > 0:
-            coarse.advance(tau)
-            finer.advance(tau)
-        if t >= skip * horizon - 1e-12 * horizon:
-            th_f = integ.to_torch(flow.theta(finer.state if tau > 0 else s0f), problem.theta0).clone()
-            th_c = integ.to_torch(flow.theta(coarse.state if tau > 0 else s0c), problem.theta0)
-            ref = max(ref, float(torch.linalg.vector_norm(th_c - th_f)))
-            th_d = sgd.theta.clone()
-            e_th = max(e_th, float(torch.linalg.vector_norm(th_d - th_f)))
-            out_d, out_f = model_outputs(problem, th_d), model_outputs(problem, th_f)
-            e_out = max(e_out, _rms(out_d, out_f))
-            e_loss = max(e_loss, abs(float(problem.full_loss(th_d)) - float(problem.full_loss(th_f))))
-        if k < K:
-            sgd.evaluate()
-            sgd.update()
-            if not bool(torch.isfinite(sgd.theta).all()):
-                raise FlowlabError(f"orders: the discrete run diverged at η={lr} (step {k}); choose smaller learning "
-                                   "rates (before the edge of stability, η·λ_max(H) < 2)")
-    return {"err_theta": e_th, "err_output": e_out, "err_loss": e_loss, "ref_err": ref, "nfe": finer.nfe,
-            "steps": K, "time_shift": shift, "fine": fine}
+    errors = _Errors(problem, skip * horizon - 1e-12 * horizon)
+    clock = Clock(times, np.arange(K + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    LockStep(clock, sgd, [finer, coarse], [errors], Recording.discard(3, problem.device), device=problem.device).run()
+    if sgd.loss is None or not bool(torch.isfinite(sgd.theta).all()) or not bool(torch.isfinite(sgd.loss)):
+        raise FlowlabError(f"orders: the discrete run diverged at η={lr} (step {sgd.step}); choose smaller learning "
+                           "rates (before the edge of stability, η·λ_max(H) < 2)")
+    for f in (finer, coarse):
+        if f.status != "ok":
+            raise FlowlabError(f"orders: {label} at η={lr}: {f.status}")
+    return {"err_theta": errors.e_th, "err_output": errors.e_out, "err_loss": errors.e_loss, "ref_err": errors.ref,
+            "nfe": finer.nfe, "steps": K, "time_shift": finer.shift, "fine": fine}
 
 
 def _tol_of(integ: Any) -> float:
@@ -136,19 +149,17 @@ def measure_orders(study: Study, lrs: Sequence[float], horizon: float, *, flows:
         log and log("orders: warning: the study runs in float32; measured orders need float64 (study.dtype)")
     beta_hb = momentum if momentum is not None else (study.optimizer.momentum or 0.5)
     rows: list[dict[str, Any]] = []
-    for spec in specs:
-        flow = make_flow(spec.name, {k: v for k, v in spec.options.items() if k != "integrator_options"})
+    for spec, section in specs:
+        flow = make_flow(spec.name, spec.flow_options, section, registry=study.registry("flows"))
         beta = beta_hb if getattr(flow, "discrete", "gd") == "heavy_ball" else 0.0
         for lr in lrs:
-            integ = make_integrator(spec.integrator, spec.rtol, spec.atol, spec.dt, spec.options.get("integrator_options", {}))
+            integ = make_integrator(spec.integrator, spec.rtol, spec.atol, spec.dt, spec.integrator_options, section,
+                                    registry=study.registry("integrators"))
             if getattr(integ, "kind", "adaptive") == "fixed" and integ.dt is None:
                 integ.dt = lr / 4
             t0 = time.perf_counter()
             for attempt in range(max_tighten + 1):
-                try:
-                    res = _one(built, spec, lr, horizon, beta, skip, integ, safety)
-                except FlowStopped as exc:
-                    raise FlowlabError(f"orders: {spec.label} at η={lr}: {exc}") from None
+                res = _one(built, flow, spec.label, lr, horizon, beta, skip, integ)
                 if res["ref_err"] * safety <= res["err_theta"] or attempt == max_tighten:
                     break
                 integ = res["fine"]
@@ -160,23 +171,25 @@ def measure_orders(study: Study, lrs: Sequence[float], horizon: float, *, flows:
             if log:
                 log(f"  {spec.label:<28} η={lr:<8g} |Δθ|={res['err_theta']:.3e}  ref_err={res['ref_err']:.1e}  "
                     f"nfe={res['nfe']}  {res['seconds']:.1f}s")
-    return _dataset(study, rows, [s.label for s in specs], lrs, horizon, skip, safety, tolerance)
+    return _dataset(study, rows, [spec.label for spec, _ in specs], lrs, horizon, skip, safety, tolerance)
 
 
-def _specs(study: Study, flows: Sequence[str] | None, rtol: float | None) -> list[FlowSpec]:
+def _specs(study: Study, flows: Sequence[str] | None, rtol: float | None) -> list[tuple[FlowSpec, str]]:
+    """The flows to measure, each with the field path its errors name."""
     if flows:
-        by_label = {f.label: f for f in study.flows}
+        by_label = {f.label: (f, f"flows.{i}") for i, f in enumerate(study.flows)}
         out = []
         for name in flows:
             if name in by_label:
                 out.append(by_label[name])
             else:
-                make_flow(name, {}, section="--flows")
-                out.append(FlowSpec(name=name, label=name, rtol=rtol or DEFAULT_RTOL))
+                study.registry("flows").resolve(name, "--flows")
+                out.append((FlowSpec(name=name, label=name, rtol=rtol or REFERENCE_RTOL), "--flows"))
         return out
     if study.flows:
-        return [f if (f.rtol or f.dt or rtol is None) else replace(f, rtol=rtol) for f in study.flows]
-    return [FlowSpec(name=n, label=n, rtol=rtol or DEFAULT_RTOL) for n in BUILTIN_FLOWS]
+        return [(f if (f.rtol or f.dt or rtol is None) else replace(f, rtol=rtol), f"flows.{i}")
+                for i, f in enumerate(study.flows)]
+    return [(FlowSpec(name=n, label=n, rtol=rtol or REFERENCE_RTOL), "--flows") for n in BUILTIN_FLOWS]
 
 
 def _slope(lrs: np.ndarray, errs: np.ndarray) -> float:
@@ -257,7 +270,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, help="β of the heavy ball the momentum flows are compared with "
                    "(default: the study's momentum, else 0.5)")
     p.add_argument("--skip", type=float, default=0.5, help="measure over t in [skip*T, T] (default 0.5: after the start-up transient)")
-    p.add_argument("--rtol", type=float, help=f"starting rtol of the reference solutions (default {DEFAULT_RTOL:g})")
+    p.add_argument("--rtol", type=float, help=f"starting rtol of the reference solutions (default {REFERENCE_RTOL:g})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a study key")
     p.add_argument("--out", help="output folder (default runs/<study>-orders); writes orders.nc")
 
@@ -283,14 +296,8 @@ def _handler(args: argparse.Namespace) -> int:
     return 0 if bool(np.all(ds.passed.values)) else 1
 
 
-def _register() -> None:
-    from ..cli import register_command
+COMMAND = Command("orders", "measure each flow's order against GD / heavy ball over several learning rates",
+                  _configure, _handler)
 
-    register_command("orders", "measure each flow's order against GD / heavy ball over several learning rates",
-                     _configure, _handler)
-
-
-_register()
-
-__all__ = ["format_table", "measure_orders", "model_outputs"]
+__all__ = ["COMMAND", "format_table", "measure_orders", "model_outputs"]
 

@@ -417,7 +417,7 @@ class RopEngine:
         """(loss, ∇L) at θ on ``batch``, keeping what :meth:`hvp` needs (``weights=False``: only the
         backward signals, no parameter gradient — the first half of a stand-alone HVP)."""
         p = self.problem
-        p._load(theta)
+        p.load(theta)
         X, y = batch
         h = X
         for layer in self.layers:

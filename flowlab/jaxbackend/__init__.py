@@ -9,6 +9,7 @@ first used (most runs never touch JAX).  The public names below load on first ac
 - :func:`model_twin`, :func:`loss_twin` (``flowlab.jaxbackend.twin``): the pure JAX model / loss.
 - :func:`enable_x64`: JAX float64 is a process-wide switch; flowlab turns it on only when a float64
   problem builds a twin.
+- :mod:`.part`: what this package adds to flowlab (the ``diffrax:*`` integrators, their statistics).
 """
 
 from __future__ import annotations
@@ -43,20 +44,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
-
-
-def _register() -> None:
-    """Register the diffrax integrators and the integrator-statistics recorder (no JAX import)."""
-    try:
-        from . import integrators  # noqa: F401  (registers diffrax:* in flowlab.flows.INTEGRATORS)
-    except ModuleNotFoundError as exc:  # flowlab.flows not there: nothing to register into
-        if exc.name is None or not exc.name.startswith("flowlab.flows"):
-            raise
-        return
-    from ..recording import register_recorders
-    from .recording import integrator_recorders
-
-    register_recorders(integrator_recorders)
-
-
-_register()

@@ -308,7 +308,7 @@ class DiffraxSession:
         self._np_tdtype = np.dtype(self.tdtype)
         dtype_name = jnp.dtype(y0[0].dtype).name
         self.rtol, self.atol = integ.tols(dtype_name)
-        self.dt = (integ.dt if integ.dt is not None else hp.lr / integ._dt_factor) if self.kernel.fixed else None
+        self.dt = integ.fixed_dt(hp) if self.kernel.fixed else None
         self.t = float(t0)
         self._state = y0
         first = integ.first_step if integ.first_step is not None else 0.0

@@ -1,4 +1,5 @@
-"""diffrax integrators in flowlab's ``INTEGRATORS`` registry (``diffrax:Tsit5``, ``diffrax:Dopri5``, ...).
+"""diffrax integrators (``diffrax:Tsit5``, ``diffrax:Dopri5``, ...): :func:`diffrax_integrators`, the
+JAX part's entries of the ``integrators`` registry.
 
 This module does NOT import JAX: the integrator objects only hold and validate their options; the
 first :meth:`DiffraxIntegrator.start` (or :meth:`make_ops`) imports JAX, diffrax and
@@ -14,6 +15,10 @@ Semantics (the same as the torch integrators of :mod:`flowlab.flows.integrators`
 - fixed step (``dt`` alone, or ``diffrax:Euler``): each recording interval is cut into ⌈Δt/dt⌉
   equal steps, landing exactly on every recording time (``dt`` defaults to the learning rate η).
 
+``land`` takes the modes of flowlab's fixed-step integrators (:data:`flowlab.flows.integrators.LANDINGS`);
+tolerances default as theirs (:func:`flowlab.flows.integrators.default_tolerances`); option errors
+name fields relative to the flow's ``[[flows]]`` table (``"rtol"``, ``"integrator_options.land"``...).
+
 Solvers: ``Tsit5``, ``Dopri5``, ``Dopri8``, ``Heun``, ``Euler``, ``Kvaerno5`` (implicit: for the stiff
 second-order forms; its Newton solves form the Jacobian of the field, m×m, so keep it to small
 models or pass ``linear_solver = "gmres"``), ``RK4_38`` (torchdiffeq's ``rk4``, the 3/8 rule) and
@@ -26,8 +31,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from ..flows.base import Integrator
-from ..flows.integrators import DEFAULT_MAX_STEPS, DEFAULT_RTOL
-from ..flows.registry import INTEGRATORS
+from ..flows.integrators import DEFAULT_MAX_STEPS, LANDINGS, landing  # noqa: F401 - LANDINGS: re-exported
 
 #: name → (adaptive capable, implicit, default landing, description)
 SOLVERS: dict[str, tuple[bool, bool, str, str]] = {
@@ -43,7 +47,6 @@ SOLVERS: dict[str, tuple[bool, bool, str, str]] = {
     "RK4_38": (False, False, "exact", "Kutta's 3/8-rule RK4 = torchdiffeq's rk4 (fixed step)"),
     "RK4": (False, False, "exact", "classic RK4 = flowlab:rk4 (fixed step)"),
 }
-LANDINGS = ("auto", "interpolate", "exact")
 LINEAR_SOLVERS = ("lu", "gmres")
 
 
@@ -69,6 +72,7 @@ class DiffraxIntegrator(Integrator):
 
     backend: ClassVar[str] = "jax"
     solver: ClassVar[str] = "Dopri5"
+    counters: ClassVar[tuple[str, ...]] = ("stats",)  # a tightened copy starts them at zero
 
     def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
                  max_steps: int = DEFAULT_MAX_STEPS, land: str = "auto", first_step: float | None = None,
@@ -78,34 +82,32 @@ class DiffraxIntegrator(Integrator):
                  precision: str = "highest", conv: str = "auto", linear_solver: str = "lu",
                  root_find_max_steps: int = 10):
         adaptive_capable, implicit, default_land, _ = SOLVERS[self.solver]
-        for field, value in (("flows.rtol", rtol), ("flows.atol", atol), ("flows.dt", dt),
-                             ("flows.integrator_options.first_step", first_step),
-                             ("flows.integrator_options.dtmin", dtmin), ("flows.integrator_options.dtmax", dtmax)):
+        for field, value in (("rtol", rtol), ("atol", atol), ("dt", dt),
+                             ("integrator_options.first_step", first_step),
+                             ("integrator_options.dtmin", dtmin), ("integrator_options.dtmax", dtmax)):
             _positive(field, value)
         if not adaptive_capable and (rtol is not None or atol is not None):
-            raise ConfigError("flows.rtol", rtol if rtol is not None else atol,
+            raise ConfigError("rtol" if rtol is not None else "atol", rtol if rtol is not None else atol,
                               f"{self.name} is a fixed-step method: give dt (default: the learning rate η), not rtol/atol")
         if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
-            raise ConfigError("flows.integrator_options.max_steps", max_steps, "expected a positive integer")
-        if land not in LANDINGS:
-            raise ConfigError("flows.integrator_options.land", land, f"allowed: {', '.join(LANDINGS)}")
+            raise ConfigError("integrator_options.max_steps", max_steps, "expected a positive integer")
+        land = landing(land, default_land)
         if conv not in ("auto", "lax", "im2col"):
-            raise ConfigError("flows.integrator_options.conv", conv, "allowed: auto, lax, im2col")
+            raise ConfigError("integrator_options.conv", conv, "allowed: auto, lax, im2col")
         if linear_solver not in LINEAR_SOLVERS:
-            raise ConfigError("flows.integrator_options.linear_solver", linear_solver,
+            raise ConfigError("integrator_options.linear_solver", linear_solver,
                               f"allowed: {', '.join(LINEAR_SOLVERS)}")
         self.rtol, self.atol, self.dt = rtol, atol, dt
         self.kind = "adaptive" if adaptive_capable and (dt is None or rtol is not None or atol is not None) else "fixed"
         self.implicit = implicit
         self.max_steps = max_steps
-        self.land = default_land if land == "auto" else land
+        self.land = land
         self.first_step = first_step if first_step is not None else (dt if self.kind == "adaptive" else None)
         self.controller_options = {"pcoeff": pcoeff, "icoeff": icoeff, "dcoeff": dcoeff, "safety": safety,
                                    "factormin": factormin, "factormax": factormax, "dtmin": dtmin, "dtmax": dtmax}
         self.jax_options = {"device": device, "chunk_size": chunk_size, "precision": precision, "conv": conv}
         self.linear_solver = linear_solver
         self.root_find_max_steps = int(root_find_max_steps)
-        self._dt_factor = 1.0
         # cumulative over this integrator's sessions (a follower restarts sessions when η changes)
         self.stats = {"nfe": 0, "accepted": 0, "rejected": 0, "compile_seconds": 0.0, "traces": 0}
 
@@ -114,13 +116,7 @@ class DiffraxIntegrator(Integrator):
         return f"diffrax:{self.solver}"
 
     # --------------------------------------------------------------- contract
-    def tols(self, dtype_name: str) -> tuple[float, float]:
-        """(rtol, atol) for a state of this dtype (torchdiffeq integrators' defaults)."""
-        import torch
-
-        rtol = self.rtol if self.rtol is not None else DEFAULT_RTOL.get(getattr(torch, dtype_name), 1e-7)
-        atol = self.atol if self.atol is not None else rtol * 1e-2
-        return rtol, atol
+    # tols(dtype), fixed_dt(hp) and tightened(factor): flowlab.flows.base.Integrator's
 
     def make_ops(self, problem: Any) -> Any:
         from .problem import jax_problem
@@ -129,7 +125,7 @@ class DiffraxIntegrator(Integrator):
         try:
             jp = jax_problem(problem, **self.jax_options)
         except NoTwinError as exc:
-            raise ConfigError("flows.integrator", self.name, str(exc)) from None
+            raise ConfigError("integrator", self.name, str(exc)) from None
         return jp.ops
 
     def to_torch(self, theta: Any, like: Any) -> Any:
@@ -146,18 +142,6 @@ class DiffraxIntegrator(Integrator):
 
         return DiffraxSession(self, flow, ops, hp, float(t0), state)
 
-    def tightened(self, factor: float = 10.0) -> DiffraxIntegrator:
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.stats = {k: type(v)(0) for k, v in self.stats.items()}
-        if self.kind == "fixed":
-            new.dt = None if self.dt is None else self.dt / factor
-            new._dt_factor = self._dt_factor * factor
-        else:
-            rtol, atol = self.tols("float64")
-            new.rtol, new.atol = rtol / factor, atol / factor
-        return new
-
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "rtol": self.rtol, "atol": self.atol, "dt": self.dt,
                 "land": self.land, "max_steps": self.max_steps, "first_step": self.first_step,
@@ -167,15 +151,18 @@ class DiffraxIntegrator(Integrator):
                    if self.implicit else {})}
 
 
-def register() -> None:
+def _make_classes() -> dict[str, type]:
+    out = {}
     for solver, (adaptive, _implicit, _land, text) in SOLVERS.items():
-        name = f"diffrax:{solver}"
-        if name in INTEGRATORS:
-            continue
         how = "rtol/atol (PID) or fixed dt" if adaptive else "fixed step: dt (default η)"
         doc = f"diffrax {solver}: {text}; {how}"
-        cls = type(f"Diffrax_{solver}", (DiffraxIntegrator,), {"solver": solver, "__doc__": doc})
-        INTEGRATORS.add(name, cls, doc)
+        out[f"diffrax:{solver}"] = type(f"Diffrax_{solver}", (DiffraxIntegrator,), {"solver": solver, "__doc__": doc})
+    return out
 
 
-register()
+_CLASSES: dict[str, type] = _make_classes()
+
+
+def diffrax_integrators() -> dict[str, type]:
+    """name → Integrator class for every ``diffrax:<Solver>`` (no JAX import)."""
+    return dict(_CLASSES)

@@ -1,35 +1,36 @@
 """Integrator statistics in the trajectory Dataset (added to a run whose flows use a diffrax integrator).
 
-- ``accepted_steps`` (method, time): accepted solver steps so far (every flow whose sessions count them);
-- ``rejected_steps`` (method, time): rejected steps so far (diffrax integrators);
-- ``compile_seconds`` (method, time): JAX trace + compile time so far (diffrax integrators; this time
-  is NOT part of the method's ``wall_seconds``).
+- ``accepted_steps`` (dynamics, time): accepted solver steps so far (every flow whose sessions count them);
+- ``rejected_steps`` (dynamics, time): rejected steps so far (diffrax integrators);
+- ``compile_seconds`` (dynamics, time): JAX trace + compile time so far (diffrax integrators; this
+  time is NOT part of the dynamics' ``wall_seconds``).
 
-NaN where a method has no such count (``sgd``, torch integrators for the diffrax-only ones).
+NaN where a dynamics has no such count (``sgd``, torch integrators for the diffrax-only ones).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ..recording import Point, Recorder, Rows, RunContext, Variable
 
 
 def _stats(follower: Any) -> dict | None:
-    stats = getattr(getattr(follower, "integrator", None), "stats", None)
+    stats = getattr(follower.integrator, "stats", None)
     return stats if isinstance(stats, dict) else None
 
 
 class IntegratorStatsRecorder(Recorder):
+    """The statistics of the ``followers`` (the flows part's, in ``dynamics`` order after ``sgd``)."""
+
     def __init__(self, followers: list):
         self.followers = followers
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         return [
-            Variable("accepted_steps", ("method", "time"), attrs={"long_name": "accepted integrator steps so far"}),
-            Variable("rejected_steps", ("method", "time"), attrs={"long_name": "rejected integrator steps so far (diffrax)"}),
-            Variable("compile_seconds", ("method", "time"), attrs={
+            Variable("accepted_steps", ("dynamics", "time"), attrs={"long_name": "accepted integrator steps so far"}),
+            Variable("rejected_steps", ("dynamics", "time"), attrs={"long_name": "rejected integrator steps so far (diffrax)"}),
+            Variable("compile_seconds", ("dynamics", "time"), attrs={
                 "long_name": "JAX trace + compile seconds so far (diffrax integrators)",
                 "note": "not included in wall_seconds"}),
         ]
@@ -44,13 +45,4 @@ class IntegratorStatsRecorder(Recorder):
             rows.put("rejected_steps", point.index, float(stats["rejected"]))
             rows.put("compile_seconds", point.index, float(stats["compile_seconds"]))
             return
-        session = getattr(f, "session", None)
-        steps = getattr(f, "_steps_before", 0) + getattr(session, "steps", math.nan) if session is not None else math.nan
-        rows.put("accepted_steps", point.index, float(steps))
-
-
-def integrator_recorders(ctx: RunContext) -> list[Recorder]:
-    followers = list(ctx.extras.get("followers", []))
-    if any(getattr(getattr(f, "integrator", None), "backend", "torch") == "jax" for f in followers):
-        return [IntegratorStatsRecorder(followers)]
-    return []
+        rows.put("accepted_steps", point.index, float(f.steps))

@@ -1,6 +1,7 @@
 """Constraint checks: does every group really carry its symmetry?
 
-A symmetry of the loss forces (Kunin et al., "Neural Mechanics", ICLR 2021, §3; THEORY.md)::
+A symmetry of the loss forces (Kunin et al., "Neural Mechanics", ICLR 2021, §3;
+docs/theory.md#constraints-and-conservation-laws)::
 
     translation  ⟨g, 1_A⟩ = 0                 H 1_A = 0
     scale        ⟨g, θ_A⟩ = 0                 H θ_A = −g_A

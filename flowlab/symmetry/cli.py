@@ -1,13 +1,13 @@
-"""Commands: ``flowlab symmetries STUDY``, ``flowlab check STUDY``, ``flowlab report RESULT``."""
+"""Commands ``flowlab symmetries STUDY`` and ``flowlab check STUDY``, and the symmetry part of
+``flowlab report RESULT`` (:func:`report_drift`)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import time
-from pathlib import Path
 
-from flowlab.cli import register_command
+from flowlab.parts import Command, ReportRequest
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def _build(args: argparse.Namespace, overrides: tuple[str, ...] = ()):
     from flowlab.build import build
     from flowlab.config import load_study
 
-    study = load_study(args.study, [*(args.set or ()), *overrides])
+    study = load_study(args.study, [*(args.set or ()), *overrides], getattr(args, "parts", None))
     return study, build(study)
 
 
@@ -143,44 +143,32 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- report
-def _configure_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("result", help="a run's output folder (or its .zarr / netCDF file)")
-    p.add_argument("--by-layer", action="store_true", help="one row per layer")
-    p.add_argument("--no-figures", action="store_true", help="only the table")
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
+def report_drift(request: ReportRequest) -> list:
+    """The drift table (max |Q(t) − Q(0)| / scale per dynamics × kind (× layer)) and its figures;
+    nothing for a result without symmetry variables."""
     from rich.markup import escape
     from rich.table import Table
 
     from .report import report
 
-    rows, paths = report(args.result, by_layer=args.by_layer, figures=not args.no_figures)
-    table = Table(title=f"{Path(args.result).name}: max |Q(t) − Q(0)| / scale")
-    cols = ["method", "kind"] + (["layer"] if args.by_layer else []) + ["groups", "max rel. drift", "at t"]
+    if "drift" not in request.dataset:
+        return []
+    rows, paths = report(request.dataset, request.folder, by_layer=request.by_layer, figures=request.figures)
+    table = Table(title=f"{request.result.name}: max |Q(t) − Q(0)| / scale")
+    cols = ["dynamics", "kind"] + (["layer"] if request.by_layer else []) + ["groups", "max rel. drift", "at t"]
     for c in cols:
-        table.add_column(c, justify="left" if c in ("method", "kind", "layer") else "right")
+        table.add_column(c, justify="left" if c in ("dynamics", "kind", "layer") else "right")
     for r in rows:
-        vals = [escape(r["method"]), r["kind"]] + ([escape(r["layer"])] if args.by_layer else []) + [
+        vals = [escape(r["dynamics"]), r["kind"]] + ([escape(r["layer"])] if request.by_layer else []) + [
             str(r["groups"]), _fmt(r["max_rel_drift"]), "–" if math.isnan(r["at_time"]) else f"{r['at_time']:.4g}"]
         table.add_row(*vals)
-    console = _console()
-    console.print(table)
-    try:  # the theory's predictions and each flow's law, when the result has them
-        from flowlab.theory.report import print_theory
-    except ImportError:
-        print_theory = None
-    if print_theory is not None:
-        paths = list(paths) + print_theory(args.result, by_layer=args.by_layer, figures=not args.no_figures,
-                                           console=console)
-    for p in paths:
-        console.print(f"wrote {p}", highlight=False)
-    return 0
+    request.console.print(table)
+    return list(paths)
 
 
-register_command("symmetries", "list the symmetry groups found in a study's model (and what was skipped, why)",
-                 _configure_symmetries, _cmd_symmetries)
-register_command("check", "check the gradient and Hessian constraints of every symmetry group at θ0",
-                 _configure_check, _cmd_check)
-register_command("report", "drift of the conserved quantities per method × symmetry kind (× layer), with figures",
-                 _configure_report, _cmd_report)
+COMMANDS = (
+    Command("symmetries", "list the symmetry groups found in a study's model (and what was skipped, why)",
+            _configure_symmetries, _cmd_symmetries),
+    Command("check", "check the gradient and Hessian constraints of every symmetry group at θ0",
+            _configure_check, _cmd_check),
+)

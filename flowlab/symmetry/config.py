@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowlab.config import register_section
 from flowlab.errors import ConfigError, did_you_mean
 
 from .groups import KINDS, GroupSpec
@@ -56,7 +55,7 @@ def _strings(value: Any, key: str) -> tuple[str, ...]:
 
 
 def _group(raw: Any, k: int) -> GroupSpec:
-    where = f"symmetry.groups[{k}]"
+    where = f"symmetry.groups.{k}"
     if not isinstance(raw, Mapping):
         raise ConfigError(where, raw, "expected a table ([[symmetry.groups]])")
     for key in raw:
@@ -109,5 +108,3 @@ def parse_symmetry(raw: Any) -> SymmetrySection:
         kw["tolerance"] = tol
     return SymmetrySection(**kw)
 
-
-register_section("symmetry", parse_symmetry)

@@ -1,6 +1,7 @@
 """Automatic detection of translation / scale / rescale groups from the traced data flow.
 
-The symmetries (Kunin et al., "Neural Mechanics", ICLR 2021, Table 1 and THEORY.md):
+The symmetries (Kunin et al., "Neural Mechanics", ICLR 2021, Table 1;
+docs/theory.md#groups-in-real-networks):
 
 - **translation** — the final ``Linear(in → C)`` whose logits go (only) into a softmax,
   log-softmax or cross-entropy over the class axis: each input column ``W[:, j]`` is a group (adding

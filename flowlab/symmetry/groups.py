@@ -256,8 +256,9 @@ class Groups:
 
     def coords(self) -> dict[str, tuple[str, np.ndarray]]:
         """The ``group`` dim's non-index coordinates (a contract): kind, layer, size, unit."""
-        return {"group_kind": ("group", self.kinds.astype(str)), "group_layer": ("group", self.layers.astype(str)),
-                "group_size": ("group", self.sizes.astype(np.int64)), "group_unit": ("group", self.units.astype(np.int64))}
+        d = "symmetry_group"
+        return {"group_kind": (d, self.kinds.astype(str)), "group_layer": (d, self.layers.astype(str)),
+                "group_size": (d, self.sizes.astype(np.int64)), "group_unit": (d, self.units.astype(np.int64))}
 
     def projector(self, device: torch.device | str = "cpu"):
         from .quantities import SymmetryProjector

@@ -1,7 +1,7 @@
 """Per-group quantities on the device: a few sparse (CSR) matrix–vector products over θ.
 
-For group A (Kunin et al., "Neural Mechanics", ICLR 2021; THEORY.md "Symmetries, groups,
-constraints" and "Exact dynamics")::
+For group A (Kunin et al., "Neural Mechanics", ICLR 2021;
+docs/theory.md#symmetries and docs/theory.md#exact-discrete-recursions)::
 
     quantity    translation ⟨θ_A, 1⟩      scale |θ_A|²        rescale |θ_A1|² − |θ_A2|²   (A1 = incoming)
     grad term   0                         |ĝ_A|²              |ĝ_A1|² − |ĝ_A2|²

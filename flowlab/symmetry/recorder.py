@@ -1,36 +1,37 @@
 """Recording the symmetry quantities of every method, and the discrete run's gradient terms.
 
-Variables (a contract; ``group`` dim with coordinates ``group_kind``, ``group_layer``,
+Variables (a contract; ``symmetry_group`` dim with coordinates ``group_kind``, ``group_layer``,
 ``group_size``, plus ``group_unit`` (channel / column, −1 for a bias vector or whole layer) and
 ``group_scale`` (the quantity's natural size at θ0: Σ_A|θ_i| for translation, |θ_A|² or
 |θ_A1|² + |θ_A2|²)):
 
-- ``quantity`` (method, time, group): ⟨θ_A,1⟩ | |θ_A|² | |θ_A1|² − |θ_A2|² at θ(t).
-- ``drift`` (method, time, group): Q(t) − Q(0).
+- ``quantity`` (dynamics, time, symmetry_group): ⟨θ_A,1⟩ | |θ_A|² | |θ_A1|² − |θ_A2|² at θ(t).
+- ``drift`` (dynamics, time, symmetry_group): Q(t) − Q(0).
 
-For the discrete run (no method dim), row k (θ_k before update k; ĝ_k the batch gradient update k
+For the discrete run (no dynamics dim), row k (θ_k before update k; ĝ_k the batch gradient update k
 applies, without weight decay; η_k, λ):
 
-- ``grad_term`` (time, group): G_k = 0 | |ĝ_A,k|² | |ĝ_A1,k|² − |ĝ_A2,k|².
-- ``grad_term_acc`` (time, group): A_k, with A_0 = 0 and A_{k+1} = (1 − η_kλ)² A_k + η_k² G_k,
+- ``grad_term`` (time, symmetry_group): G_k = 0 | |ĝ_A,k|² | |ĝ_A1,k|² − |ĝ_A2,k|².
+- ``grad_term_acc`` (time, symmetry_group): A_k, with A_0 = 0 and A_{k+1} = (1 − η_kλ)² A_k + η_k² G_k,
   updated at EVERY step (so a coarse ``record.every`` loses nothing).  For plain SGD with coupled
-  L2 the exact discrete identity (THEORY.md) is, for scale and rescale groups,
+  L2 the exact discrete identity (docs/theory.md#plain-sgd) is, for scale and rescale groups,
   Q_k = c_k² Q_0 + A_k, and for translation Q_k = c_k Q_0, with
 - ``weight_decay_factor`` (time): c_k = Π_{j<k} (1 − η_jλ).
 
 With momentum (``optimizer.momentum > 0``), from the buffer v_k at row k (v_0 = 0):
 
-- ``momentum_P`` (time, group): ⟨θ_A, v_A⟩ (rescale: ⟨θ_A1, v_A1⟩ − ⟨θ_A2, v_A2⟩); NaN for translation.
-- ``momentum_V`` (time, group): |v_A|² (rescale: |v_A1|² − |v_A2|²); NaN for translation.
-- ``momentum_U`` (time, group): ⟨v_A, 1⟩ for translation; NaN elsewhere.
+- ``momentum_P`` (time, symmetry_group): ⟨θ_A, v_A⟩ (rescale: ⟨θ_A1, v_A1⟩ − ⟨θ_A2, v_A2⟩); NaN for translation.
+- ``momentum_V`` (time, symmetry_group): |v_A|² (rescale: |v_A1|² − |v_A2|²); NaN for translation.
+- ``momentum_U`` (time, symmetry_group): ⟨v_A, 1⟩ for translation; NaN elsewhere.
 
-For heavy ball without dampening (THEORY.md "With heavy-ball momentum"):
+For heavy ball without dampening (docs/theory.md#heavy-ball):
 Q_{k+1} = (1−2ηλ)Q_k − 2ηβP_k + η²V_{k+1},  P_{k+1} = βP_k + λQ_k − ηV_{k+1};
 S_{k+1} = S_k − ηU_{k+1},  U_{k+1} = βU_k + λS_k.
 
-The recorder is in ``ctx.extras["symmetry"]`` during a run; its ``projector`` (a
-:class:`~flowlab.symmetry.quantities.SymmetryProjector`), ``G`` (the last step's gradient terms) and
-``A`` (the accumulator) are there for other recorders (the theory) to reuse.
+The symmetry part provides this recorder as the service ``symmetry``: its ``groups``, ``projector``
+(a :class:`~flowlab.symmetry.quantities.SymmetryProjector`), ``G`` (the gradient terms of the update
+being taken, set in ``before_update``) and ``A`` (the accumulator) are there for the recorders that
+are given it (the theory's) to reuse.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ import math
 import numpy as np
 import torch
 
-from flowlab.recording import Point, Recorder, Rows, RunContext, StepInfo, Variable, register_recorders
+from flowlab.recording import Point, Recorder, Rows, RunContext, StepInfo, Variable
 
-from .build import study_groups
 from .groups import Groups
 from .quantities import SymmetryProjector
 
@@ -60,20 +60,21 @@ class SymmetryRecorder(Recorder):
     def _coords(self, ctx: RunContext) -> dict:
         coords = self.groups.coords()
         scale = self.projector.scales(ctx.problem.theta0).cpu().numpy()
-        coords["group_scale"] = ("group", scale)
+        coords["group_scale"] = ("symmetry_group", scale)
         return coords
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         G = len(self.groups)
         self.momentum = ctx.study.optimizer.momentum > 0
         skipped = json.dumps([{"layer": s.layer, "kind": s.kind, "reason": s.reason} for s in self.groups.skipped])
-        tg = ("time", "group")
+        tg = ("time", "symmetry_group")
         out = [
-            Variable("quantity", ("method", *tg), shape=(G,), coords={"group": np.arange(G)}, dim_coords=self._coords(ctx),
+            Variable("quantity", ("dynamics", *tg), shape=(G,), coords={"symmetry_group": np.arange(G)},
+                     dim_coords=self._coords(ctx),
                      attrs={"long_name": "conserved quantity per symmetry group",
                             "formula": "translation <θ_A,1>; scale |θ_A|^2; rescale |θ_A1|^2 - |θ_A2|^2 (A1 incoming)",
                             "skipped": skipped}),
-            Variable("drift", ("method", *tg), shape=(G,), attrs={"long_name": "Q(t) - Q(0)"}),
+            Variable("drift", ("dynamics", *tg), shape=(G,), attrs={"long_name": "Q(t) - Q(0)"}),
             Variable("grad_term", tg, shape=(G,),
                      attrs={"long_name": "gradient term of the update taken at this row",
                             "formula": "0 | |g_A|^2 | |g_A1|^2 - |g_A2|^2 (applied batch gradient, no weight decay)"}),
@@ -114,7 +115,7 @@ class SymmetryRecorder(Recorder):
         if Q0 is None:
             Q0 = self.Q0[point.index] = Q.clone()
         rows.put("drift", point.index, Q - Q0)
-        if point.index != 0 or point.method != "sgd":
+        if point.index != 0 or point.label != "sgd":
             return
         if point.grad is not None:
             G = proj.grad_terms(point.grad)
@@ -139,19 +140,3 @@ class SymmetryRecorder(Recorder):
         c = 1.0 - info.lr * self.wd
         self.A.mul_(c * c).add_(G, alpha=info.lr * info.lr)
         self.decay *= c
-
-
-def symmetry_recorders(ctx: RunContext) -> list[Recorder]:
-    """The recorder factory registered with :func:`flowlab.recording.register_recorders`."""
-    section = ctx.study.section("symmetry")
-    if not section.enabled:
-        return []
-    groups = study_groups(ctx.study, ctx.problem)
-    if len(groups) == 0:
-        return []
-    rec = SymmetryRecorder(groups, groups.projector(ctx.problem.device))
-    ctx.extras["symmetry"] = rec
-    return [rec]
-
-
-register_recorders(symmetry_recorders)

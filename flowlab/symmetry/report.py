@@ -1,15 +1,15 @@
-"""``flowlab report RESULT``: how far each method breaks each conservation law.
+"""``flowlab report RESULT`` (its symmetry part): how far each dynamics breaks each conservation law.
 
 Relative drift of group A at time t: |Q_A(t) − Q_A(0)| / s_A, with s_A the coordinate
 ``group_scale`` (Σ_A|θ_i(0)| for translation, |θ_A(0)|² for scale, |θ_A1(0)|² + |θ_A2(0)|² for
 rescale), floored at 10⁻⁸ × the median scale of its kind so an all-zero initial group cannot
-divide by zero.  The table gives the maximum over time and groups per method × kind (× layer).
+divide by zero.  The table gives the maximum over time and groups per dynamics × kind (× layer).
 
 Figures (matplotlib, Agg), written next to the result:
 - ``symmetry_fig1.png`` — like Fig. 1 of Kunin et al. (2021): individual parameters of a few
   neurons (from the θ snapshots) beside the per-neuron quantities of the same layer;
 - ``symmetry_drift.png`` — per-layer drift curves, one panel per kind, one line per layer and
-  method.
+  dynamics.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .groups import KINDS
 
 
 def relative_drift(ds: xr.Dataset) -> xr.DataArray:
-    """|drift| / group_scale (method, time, group)."""
+    """|drift| / group_scale (dynamics, time, symmetry_group)."""
     if "drift" not in ds:
         raise FlowlabError("this result has no symmetry variables (was [symmetry] enabled = false, or no groups found?)")
     scale = ds["group_scale"].values.astype(np.float64)
@@ -38,11 +38,11 @@ def relative_drift(ds: xr.Dataset) -> xr.DataArray:
         pos = scale[mask & (scale > 0)]
         floor = 1e-8 * float(np.median(pos)) if pos.size else 1e-300
         eff[mask] = np.maximum(scale[mask], max(floor, 1e-300))
-    return np.abs(ds["drift"]) / xr.DataArray(eff, dims="group")
+    return np.abs(ds["drift"]) / xr.DataArray(eff, dims="symmetry_group")
 
 
 def drift_table(ds: xr.Dataset, by_layer: bool = False) -> list[dict]:
-    """Rows: method, kind, [layer], groups, max relative drift, the time of that maximum."""
+    """Rows: dynamics, kind, [layer], groups, max relative drift, the time of that maximum."""
     rel = relative_drift(ds).load()
     kinds = ds["group_kind"].values.astype(str)
     layers = ds["group_layer"].values.astype(str)
@@ -51,8 +51,8 @@ def drift_table(ds: xr.Dataset, by_layer: bool = False) -> list[dict]:
     keys = [(k, None) for k in KINDS if (kinds == k).any()]
     if by_layer:
         keys = [(k, la) for k in KINDS for la in dict.fromkeys(layers[kinds == k])]
-    for mi, method in enumerate(ds["method"].values):
-        values = rel.isel(method=mi).values  # (time, group)
+    for mi, label in enumerate(ds["dynamics"].values):
+        values = rel.isel(dynamics=mi).values  # (time, symmetry_group)
         for kind, layer in keys:
             mask = (kinds == kind) if layer is None else ((kinds == kind) & (layers == layer))
             block = values[:, mask]
@@ -63,7 +63,7 @@ def drift_table(ds: xr.Dataset, by_layer: bool = False) -> list[dict]:
                 filled = np.where(finite, block, -np.inf)
                 ti, _ = np.unravel_index(int(np.argmax(filled)), filled.shape)
                 worst, at = float(filled.max()), float(times[ti])
-            row = {"method": str(method), "kind": kind, "groups": int(mask.sum()), "max_rel_drift": worst, "at_time": at}
+            row = {"dynamics": str(label), "kind": kind, "groups": int(mask.sum()), "max_rel_drift": worst, "at_time": at}
             if by_layer:
                 row["layer"] = layer
             rows.append(row)
@@ -105,7 +105,7 @@ def _param_series(ds: xr.Dataset, layer: str, units: np.ndarray, per_unit: int =
             labels.append(f"{name}[{int(u)}]" + (f"[{j}]" if row > 1 else ""))
     if not cols:
         return np.zeros(0), np.zeros((0, 0)), []
-    theta = ds["theta"].isel(method=0, param=cols).values  # (snapshot, k)
+    theta = ds["theta"].isel(dynamics=0, param=cols).values  # (snapshot, k)
     return ds["snapshot"].values, theta, labels
 
 
@@ -122,7 +122,7 @@ def write_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
     layers = ds["group_layer"].values.astype(str)
     units = ds["group_unit"].values
     times = ds["time"].values
-    methods = [str(m) for m in ds["method"].values]
+    methods = [str(m) for m in ds["dynamics"].values]
     styles = ["-", "--", ":", "-."]
 
     picked = _pick_layer(ds)
@@ -138,7 +138,7 @@ def write_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
         else:
             ax1.text(0.5, 0.5, "no θ snapshots for this layer", ha="center", va="center", transform=ax1.transAxes)
         ax1.set_xlabel("t")
-        q = ds["quantity"].isel(group=sel).values  # (method, time, g)
+        q = ds["quantity"].isel(symmetry_group=sel).values  # (dynamics, time, g)
         for mi, m in enumerate(methods):
             for j in range(q.shape[2]):
                 ax2.plot(times, q[mi, :, j], styles[mi % len(styles)], lw=1, color=f"C{j % 10}",
@@ -152,7 +152,7 @@ def write_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
 
-    rel = relative_drift(ds).values  # (method, time, group)
+    rel = relative_drift(ds).values  # (dynamics, time, symmetry_group)
     present = [k for k in KINDS if (kinds == k).any()]
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
     for ax, kind in zip(axes[0], present):
@@ -177,9 +177,13 @@ def write_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def report(result: str | Path, by_layer: bool = False, figures: bool = True) -> tuple[list[dict], list[Path]]:
-    """The drift table of a result (and its figures, written next to it)."""
-    ds = open_result(result)
+def report(result: str | Path | xr.Dataset, out_dir: str | Path | None = None, by_layer: bool = False,
+           figures: bool = True) -> tuple[list[dict], list[Path]]:
+    """The drift table of a result — its folder, store or netCDF file, or its Dataset — and its
+    figures, written to ``out_dir`` (default: next to the result)."""
+    ds = result if isinstance(result, xr.Dataset) else open_result(result)
     rows = drift_table(ds, by_layer)
-    paths = write_figures(ds, _out_dir(result)) if figures else []
+    if figures and out_dir is None and isinstance(result, xr.Dataset):
+        raise FlowlabError("report: give out_dir for the figures of a Dataset")
+    paths = write_figures(ds, Path(out_dir) if out_dir is not None else _out_dir(result)) if figures else []
     return rows, paths

@@ -187,7 +187,7 @@ def trace(module: nn.Module, example: torch.Tensor, loss_fn=None, target: torch.
     without autograd, with BatchNorm running statistics and the random-number state left as they
     were.
     """
-    from flowlab.problem import _pure_batchnorm
+    from flowlab.problem import pure_batchnorm
 
     params = {id(p): n for n, p in module.named_parameters()}
     rec = _Recorder(params)
@@ -195,7 +195,7 @@ def trace(module: nn.Module, example: torch.Tensor, loss_fn=None, target: torch.
     devices = [example.device] if example.device.type == "cuda" else []
     try:
         module.train()
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), _pure_batchnorm(module):
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), pure_batchnorm(module):
             for n, p in module.named_parameters():
                 rec.register(p, "param", param=n)
             rec.register(example, "input")

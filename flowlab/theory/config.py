@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowlab.config import register_section
 from flowlab.errors import ConfigError, did_you_mean
 
 from .predict import MOMENTUM_VARIANTS, SGD_VARIANTS
@@ -57,5 +56,3 @@ def parse_theory(raw: Any) -> TheorySection:
         raise ConfigError("theory.flow_laws", flow_laws, "expected true or false")
     return TheorySection(enabled, tuple(variants), flow_laws)
 
-
-register_section("theory", parse_theory)

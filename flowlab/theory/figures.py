@@ -27,7 +27,7 @@ def _pick(ds: xr.Dataset, kind: str, count: int) -> tuple[str, np.ndarray] | Non
     order = list(dict.fromkeys(layers[idx]))
     layer = order[-1] if kind == "translation" else order[len(order) // 2]
     members = idx[layers[idx] == layer]
-    drift = np.abs(ds["drift"].isel(method=0).values[:, members])
+    drift = np.abs(ds["drift"].isel(dynamics=0).values[:, members])
     score = np.nanmax(drift, axis=0) / np.maximum(np.abs(ds["group_scale"].values[members]), 1e-300)
     chosen = members[np.argsort(-np.nan_to_num(score))[:count]]
     return layer, np.sort(chosen)
@@ -45,8 +45,8 @@ def theory_figure(ds: xr.Dataset, path: str | Path, variant: str | None = None, 
     kinds = [k for k in ("translation", "scale", "rescale") if _pick(ds, k, 1) is not None]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.4), squeeze=False)
     t = ds["time"].values
-    Q = ds["quantity"].isel(method=0).values
-    P = ds["theory"].sel({"variant": variant}).values
+    Q = ds["quantity"].isel(dynamics=0).values
+    P = ds["theory"].sel(variant=variant).values
     colours = plt.cm.viridis(np.linspace(0.05, 0.9, count))
     for ax, kind in zip(axes[0], kinds):
         layer, chosen = _pick(ds, kind, count)

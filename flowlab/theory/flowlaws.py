@@ -1,7 +1,9 @@
-"""The law each continuous model's symmetry quantities obey along its OWN trajectory [derived].
+"""The law each continuous model's symmetry quantities obey along its OWN trajectory
+(docs/theory.md#laws-along-each-flow, derived in docs/theory.md#derivation-of-the-laws).
 
-Projecting a flow's vector field on a group's generator with the gradient and Hessian constraints
-(THEORY.md) closes the dynamics of Q on a few per-group scalars.  With g = ∇L (no weight decay),
+Each flow states its law (:meth:`flowlab.flows.Flow.law`, a :class:`~flowlab.flows.Law`); this
+module integrates it.  Projecting a flow's vector field on a group's generator with the gradient
+and Hessian constraints closes the dynamics of Q on a few per-group scalars.  With g = ∇L (no weight decay),
 G_A = |g_A|² (rescale |g_A1|² − |g_A2|²), λ the weight decay, η the learning rate, β the momentum:
 
 | flow | law for scale / rescale Q (translation: same rate/2 and no forcing) |
@@ -16,53 +18,21 @@ G_A = |g_A|² (rescale |g_A1|² − |g_A2|²), λ the weight decay, η the learn
 (⟨g_A, ·⟩ for rescale is the A1 part minus the A2 part; the third-derivative term of
 ``modified_second_order`` uses ∇³L[θ_A, v, v] = −2⟨v_A, Hv⟩, from differentiating Hθ_A = −g_A.)
 
-Every law is integrated *alongside* the flow: :class:`LawFlow` wraps a flow and appends the law's
-own state (Q_law, or (x, x') for the oscillators) to its ODE state, so the check is exact to the
-solver's tolerance, not limited by the recording interval; coefficients follow η(t) under a schedule.  The gradient (and, for the second-order modified equation, the
-first HVP) the flow computes anyway is reused, not recomputed.
+Every law is integrated *alongside* the flow: :class:`LawFlow` composes a flow with its law,
+appending the law's own state (Q_law, or (x, x') for the oscillators) to its ODE state, so the check
+is exact to the solver's tolerance, not limited by the recording interval; coefficients follow η(t)
+under a schedule.  The gradient (and, for the second-order modified equation, the first HVP) the
+flow computes anyway is reused, not recomputed.  The composition happens when the run builds its
+followers (:class:`FlowLaws`, the theory part's ``laws`` service): nothing is patched afterwards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flowlab.flows.base import Flow, Hyper
-
-CLOSED, FORCED, OSCILLATOR = "closed", "forced", "oscillator"
-
-
-@dataclass(frozen=True)
-class Law:
-    kind: str  # closed | forced | oscillator
-    rate: float = 0.0  # decay rate of scale/rescale Q (translation: rate / 2); forced and closed laws
-    gain: float = 0.0  # forcing η·G_A coefficient (forced)
-    hvp_gain: float = 0.0  # forcing coefficient of ⟨g_A, H∇L_λ⟩ (modified_second_order)
-    gamma: float = 0.0  # oscillator damping
-    omega2: float = 0.0  # oscillator ω² (scale/rescale); translation uses omega2 / 2
-
-
-def law_for(name: str, hp: Hyper) -> Law | None:
-    """The law of a built-in flow (None for a flow without one)."""
-    lam, eta, beta = hp.weight_decay, hp.lr, hp.momentum
-    if name == "gradient_flow":
-        return Law(CLOSED, rate=2 * lam)
-    if name == "momentum_first_order":
-        return Law(CLOSED, rate=2 * lam / (1 - beta))
-    if name == "modified_loss":
-        return Law(FORCED, rate=2 * lam * (1 + eta * lam / 2), gain=eta)
-    if name == "momentum_modified":
-        c = eta * (1 + beta) / (4 * (1 - beta) ** 2)
-        return Law(FORCED, rate=2 * lam * (1 + 2 * c * lam) / (1 - beta), gain=eta * (1 + beta) / (1 - beta) ** 3)
-    if name == "modified_second_order":
-        return Law(FORCED, rate=2 * lam * (1 + eta * lam / 2 + eta * eta * lam * lam / 3),
-                   gain=eta + eta * eta * lam, hvp_gain=eta * eta)
-    if name in ("modified_temporal", "momentum_second_order"):
-        b = beta if name == "momentum_second_order" else 0.0
-        return Law(OSCILLATOR, gamma=(1 - b) / (eta * (1 + b)), omega2=4 * lam / (eta * (1 + b)))
-    return None
+from flowlab.flows.base import CLOSED, OSCILLATOR, Flow, Hyper
 
 
 class QuadForms:
@@ -162,9 +132,12 @@ class LawFlow(Flow):
     (x(0) = Q(0), x'(0) = Q'(0) from θ'(0)).  Translation groups decay at rate/2 without forcing
     (oscillators: ω_tr² = ω²/2)."""
 
-    def __init__(self, inner: Flow, flow_name: str, forms: QuadForms, q0: torch.Tensor, hp0: Hyper):
-        self.inner, self.flow_name, self.forms, self.q0 = inner, flow_name, forms, q0
-        self.kind = law_for(flow_name, hp0).kind  # type: ignore[union-attr]
+    def __init__(self, inner: Flow, forms: QuadForms, q0: torch.Tensor, hp0: Hyper):
+        law = inner.law(hp0)
+        if law is None:
+            raise ValueError(f"{inner!r} has no law")
+        self.inner, self.forms, self.q0 = inner, forms, q0
+        self.kind = law.kind
         self.name, self.order, self.discrete = inner.name, inner.order, getattr(inner, "discrete", "gd")
         self.state_size = inner.state_size
         self.needs = getattr(inner, "needs", frozenset())
@@ -172,6 +145,14 @@ class LawFlow(Flow):
 
     def options(self) -> dict:
         return self.inner.options()
+
+    def law(self, hp: Hyper):
+        return self.inner.law(hp)
+
+    def observe(self, state: tuple) -> dict:
+        observe = getattr(self.inner, "observe", None)
+        inner = observe(state[: self.n_inner]) if observe is not None else {}
+        return {**inner, "flow_law": self.predicted(state)}
 
     def time_shift(self, hp: Hyper) -> float:
         return self.inner.time_shift(hp)
@@ -191,7 +172,7 @@ class LawFlow(Flow):
 
     def vector_field(self, t, state, ops, hp):
         inner_state = tuple(state[: self.n_inner])
-        law = law_for(self.flow_name, hp)
+        law = self.inner.law(hp)
         theta = inner_state[0]
         tr, half = self.forms.mask(theta)
         if law.kind == OSCILLATOR:  # the forcing 2|θ'_A|² comes from the state itself
@@ -230,3 +211,21 @@ def _to_torch(x: Any, like: torch.Tensor) -> torch.Tensor:
     import numpy as np
 
     return torch.as_tensor(np.array(x, dtype=np.float64), device=like.device)
+
+
+class FlowLaws:
+    """The theory part's ``laws`` service: composes each flow that states a law with it
+    (:class:`LawFlow`), for the groups of the run's symmetry recorder."""
+
+    def __init__(self, groups, projector, theta0: torch.Tensor):
+        self.forms = QuadForms(groups)
+        self.q0 = projector.quantities(theta0).cpu()
+        self.composed: list[str] = []  # labels of the flows composed with their law
+
+    def compose(self, flow: Flow, hp0: Hyper, label: str = "") -> Flow:
+        """``flow`` with its law appended to its state (``flow`` itself when it states none)."""
+        law = getattr(flow, "law", None)
+        if law is None or law(hp0) is None:
+            return flow
+        self.composed.append(label or str(getattr(flow, "name", flow)))
+        return LawFlow(flow, self.forms, self.q0, hp0)

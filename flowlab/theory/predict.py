@@ -12,7 +12,7 @@ per-update group scalars of the discrete run, predicts Q(t_k) under each *varian
                           Q(t) = e^{−2λt}Q(0) + η∫_0^t e^{−2λ(t−τ)} G(τ) dτ, G = |ĝ_A|² or |ĝ_A1|² − |ĝ_A2|²,
                           the integral a Riemann sum over the actual steps: Σ_j η_j² e^{−2λ(t−t_j)} G_j.
 ``paper_hat``             the same with λ̂_j = λ(1 + η_jλ/2) in every exponent (the IGR flow of L_λ).
-``exact_discrete``        the exact discrete recursions (THEORY.md [derived]): plain SGD
+``exact_discrete``        the exact discrete recursions (docs/theory.md#exact-discrete-recursions): plain SGD
                           S_{k+1} = (1−η_kλ)S_k, Q_{k+1} = (1−η_kλ)²Q_k + η_k²G_k; heavy ball (dampening τ,
                           c_0 = 1, c_k = 1−τ) driven by the measured W_{k+1} (V = |v_A|² resp. |v_A1|²−|v_A2|²):
                           Q_{k+1} = Q_k − 2η_k(βP_k + c_kλQ_k) + η_k²V_{k+1},  P_{k+1} = βP_k + c_kλQ_k − η_kV_{k+1};

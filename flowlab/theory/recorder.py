@@ -1,16 +1,16 @@
 """Recording the theory's predictions beside the measured quantities.
 
-``theory`` (variant, time, group): the predicted quantity Q_pred(t_k) of every symmetry group under
-each variant of :mod:`flowlab.theory.predict` (coordinate ``variant``), at the same rows as
-``quantity``.  The predictions are driven by the gradient terms of EVERY update (taken from the
-symmetry recorder, ``ctx.extras["symmetry"]``, so nothing is computed twice) and, with momentum, by
+``theory`` (variant, time, symmetry_group): the predicted quantity Q_pred(t_k) of every symmetry
+group under each variant of :mod:`flowlab.theory.predict` (coordinate ``variant``), at the same rows
+as ``quantity``.  The predictions are driven by the gradient terms of EVERY update (taken from the
+symmetry recorder it is given, which runs before it, so nothing is computed twice) and, with momentum, by
 the buffer's V_{k+1} = |v_{A,k+1}|² (rescale: A1 − A2).  Updates between two rows are buffered on the
 device and applied when a chunk of rows is flushed (one host transfer; runs of equal η by matrix
 powers), so the per-step cost is two small copies.
 
-``flow_law`` (method, time, group): for each integrated flow with a law
+``flow_law`` (dynamics, time, symmetry_group): for each integrated flow with a law
 (:mod:`flowlab.theory.flowlaws`), the quantity that law predicts along the flow's own trajectory,
-integrated with the flow (NaN for ``sgd`` and flows without a law).
+integrated with the flow (NaN for ``sgd`` and flows without a law): :class:`FlowLawRecorder`.
 """
 
 from __future__ import annotations
@@ -18,35 +18,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowlab.recording import Point, Recorder, Rows, RunContext, StepInfo, Variable, register_recorders
+from flowlab.recording import Point, Recorder, Rows, RunContext, StepInfo, Variable
+from flowlab.symmetry.recorder import SymmetryRecorder
 
+from .flowlaws import FlowLaws
 from .predict import Predictor, variants_for
 
 
 class TheoryRecorder(Recorder):
-    def __init__(self, symmetry, variants: tuple[str, ...] = (), capacity: int = 1024, followers=(),
-                 flow_laws: bool = True):
+    """``theory`` of the discrete run, driven by ``symmetry``'s per-step gradient terms."""
+
+    def __init__(self, symmetry: SymmetryRecorder, variants: tuple[str, ...] = (), capacity: int = 1024):
         self.sym = symmetry
         self.requested = variants
         self.capacity = capacity
-        self.followers = list(followers)
-        self.lawful: dict[int, object] = {}
-        if flow_laws and self.followers:
-            self._wrap_flows()
-
-    def _wrap_flows(self) -> None:
-        """Append each built-in flow's law to its ODE state (before any integration starts)."""
-        from .flowlaws import LawFlow, QuadForms, law_for
-
-        forms = QuadForms(self.sym.groups)
-        for i, f in enumerate(self.followers, start=1):
-            name = getattr(f, "spec", None) and f.spec.name
-            if name is None or law_for(name, f.hp0) is None or getattr(f, "session", None) is not None:
-                continue
-            q0 = self.sym.projector.quantities(f.problem.theta0).cpu()
-            f.flow = LawFlow(f.flow, name, forms, q0, f.hp0)
-            f._state0 = None
-            self.lawful[i] = f
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         opt = ctx.study.optimizer
@@ -61,13 +46,8 @@ class TheoryRecorder(Recorder):
             notes["exact_discrete"] = "NaN: Nesterov momentum has no closed two-scalar recursion"
         if opt.momentum > 0 and opt.dampening > 0:
             notes["oscillator"] = "assumes dampening 0 (the official code's model)"
-        out = [Variable("theory", ("variant", "time", "group"), shape=(len(self.variants), G),
-                        coords={"variant": np.array(self.variants, dtype=object)}, attrs=notes)]
-        if self.lawful:
-            out.append(Variable("flow_law", ("method", "time", "group"), shape=(G,), attrs={
-                "long_name": "quantity predicted by each flow's own law along its trajectory (flowlab.theory.flowlaws)",
-                "flows": ", ".join(f.label for f in self.lawful.values())}))
-        return out
+        return [Variable("theory", ("variant", "time", "symmetry_group"), shape=(len(self.variants), G),
+                         coords={"variant": np.array(self.variants, dtype=object)}, attrs=notes)]
 
     def start(self, ctx: RunContext) -> None:
         opt = ctx.study.optimizer
@@ -113,23 +93,26 @@ class TheoryRecorder(Recorder):
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.index != 0:
-            f = self.lawful.get(point.index)
-            if f is not None:
-                rows.put("flow_law", point.index, f.flow.predicted(f.state))
             return
         self._rows = rows
         self.marks.append((rows.row, len(self.etas)))
 
 
-def theory_recorders(ctx: RunContext) -> list[Recorder]:
-    section = ctx.study.section("theory")
-    symmetry = ctx.extras.get("symmetry")
-    if not section.enabled or symmetry is None:
-        return []
-    rec = TheoryRecorder(symmetry, section.variants, followers=ctx.extras.get("followers", ()),
-                         flow_laws=section.flow_laws)
-    ctx.extras["theory"] = rec
-    return [rec]
+class FlowLawRecorder(Recorder):
+    """``flow_law`` of every flow composed with its law by ``laws`` (what the flow reports in
+    ``point.extras["flow_law"]``)."""
 
+    def __init__(self, laws: FlowLaws):
+        self.laws = laws
 
-register_recorders(theory_recorders, order=200)  # after the symmetry recorder (order 100)
+    def variables(self, ctx: RunContext) -> list[Variable]:
+        if not self.laws.composed:
+            return []
+        return [Variable("flow_law", ("dynamics", "time", "symmetry_group"), shape=(self.laws.forms.G,), attrs={
+            "long_name": "quantity predicted by each flow's own law along its trajectory (flowlab.theory.flowlaws)",
+            "flows": ", ".join(self.laws.composed)})]
+
+    def record(self, rows: Rows, point: Point) -> None:
+        value = point.extras.get("flow_law")
+        if value is not None:
+            rows.put("flow_law", point.index, value)

@@ -1,7 +1,7 @@
 """How well the theory predicts each run: |Q − Q_pred| / max(|Q(0)|, scale), per variant × kind (× layer).
 
 ``scale`` is the symmetry recorder's ``group_scale`` (Σ_A|θ_i(0)| for translation, |θ_A(0)|² for
-scale, |θ_A1(0)|² + |θ_A2(0)|² for rescale): THEORY.md "How agreement is measured".
+scale, |θ_A1(0)|² + |θ_A2(0)|² for rescale): docs/theory.md#theory-relative-error.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import xarray as xr
 KINDS = ("translation", "scale", "rescale")
 
 
-def relative_error(ds: xr.Dataset, variant: str, method: int = 0) -> np.ndarray:
-    """(time, group) relative error of ``variant`` against the measured quantity of the discrete run."""
-    Q = ds["quantity"].isel(method=method).values
+def relative_error(ds: xr.Dataset, variant: str, index: int = 0) -> np.ndarray:
+    """(time, symmetry_group) relative error of ``variant`` against the measured quantity of the
+    dynamics at ``index`` (the discrete run)."""
+    Q = ds["quantity"].isel(dynamics=index).values
     scale = np.maximum(np.abs(Q[0]), ds["group_scale"].values.astype(np.float64))
     scale = np.where(scale > 0, scale, 1e-300)
-    return np.abs(ds["theory"].sel({"variant": variant}).values - Q) / scale
+    return np.abs(ds["theory"].sel(variant=variant).values - Q) / scale
 
 
 def theory_table(ds: xr.Dataset, by_layer: bool = False) -> list[dict]:
@@ -30,7 +31,7 @@ def theory_table(ds: xr.Dataset, by_layer: bool = False) -> list[dict]:
     if by_layer:
         keys = [(k, la) for k in KINDS for la in dict.fromkeys(layers[kinds == k])]
     # the last row with a finite measurement (a diverged run stops early)
-    Q = ds["quantity"].isel(method=0).values
+    Q = ds["quantity"].isel(dynamics=0).values
     finite_rows = np.flatnonzero(np.isfinite(Q).all(axis=1))
     last = int(finite_rows[-1]) if finite_rows.size else -1
     rows = []
@@ -59,7 +60,7 @@ def flow_law_table(ds: xr.Dataset) -> list[dict]:
     Q = ds["quantity"].values
     law = ds["flow_law"].values
     rows = []
-    for i, method in enumerate(ds["method"].values.astype(str)):
+    for i, label in enumerate(ds["dynamics"].values.astype(str)):
         if i == 0 or not np.isfinite(law[i]).any():
             continue
         obey = np.abs(Q[i] - law[i]) / scale
@@ -67,23 +68,18 @@ def flow_law_table(ds: xr.Dataset) -> list[dict]:
         for kind in KINDS:
             m = kinds == kind
             if m.any():
-                rows.append({"method": method, "kind": kind, "groups": int(m.sum()),
+                rows.append({"dynamics": label, "kind": kind, "groups": int(m.sum()),
                              "obeys_law": float(np.nanmax(obey[:, m])), "tracks_sgd": float(np.nanmax(track[:, m]))})
     return rows
 
 
-def print_theory(result, by_layer: bool = False, figures: bool = True, console=None) -> list:
-    """The theory part of ``flowlab report``: tables (and a Fig. 5-style figure next to the result)."""
-    from pathlib import Path
-
-    from rich.console import Console
+def print_theory(request) -> list:
+    """The theory part of ``flowlab report`` (a :class:`flowlab.parts.ReportRequest`): tables, and a
+    Fig. 5-style figure next to the result."""
     from rich.markup import escape
     from rich.table import Table
 
-    from flowlab.store import open_result
-
-    ds = open_result(result, load=True)
-    console = console or Console()
+    ds, console, by_layer = request.dataset, request.console, request.by_layer
     paths = []
     rows = theory_table(ds, by_layer)
     if rows:
@@ -98,15 +94,13 @@ def print_theory(result, by_layer: bool = False, figures: bool = True, console=N
     flows = flow_law_table(ds)
     if flows:
         table = Table(title="flows: their own law, and the discrete run (relative to scale)")
-        for c in ("method", "kind", "groups", "obeys its law", "tracks sgd"):
-            table.add_column(c, justify="left" if c in ("method", "kind") else "right")
+        for c in ("dynamics", "kind", "groups", "obeys its law", "tracks sgd"):
+            table.add_column(c, justify="left" if c in ("dynamics", "kind") else "right")
         for r in flows:
-            table.add_row(escape(r["method"]), r["kind"], str(r["groups"]), f"{r['obeys_law']:.3g}", f"{r['tracks_sgd']:.3g}")
+            table.add_row(escape(r["dynamics"]), r["kind"], str(r["groups"]), f"{r['obeys_law']:.3g}", f"{r['tracks_sgd']:.3g}")
         console.print(table)
-    if figures and rows:
+    if request.figures and rows:
         from .figures import theory_figure
 
-        p = Path(result)
-        out = (p.parent if p.is_file() else p) / "theory_fig5.png"
-        paths.append(theory_figure(ds, out))
+        paths.append(theory_figure(ds, request.folder / "theory_fig5.png"))
     return paths

@@ -1,0 +1,19 @@
+"""flowlab's core part: the model, data, loss and schedule registries, and the commands ``run``,
+``list`` and ``export`` (its study sections are the core ones of :mod:`flowlab.config`)."""
+
+from __future__ import annotations
+
+from .cli import EXPORT, LIST, REPORT, RUN, report_summary
+from .data import DATASETS
+from .losses import LOSSES
+from .models import MODELS
+from .parts import Part
+from .schedules import SCHEDULES
+
+PART = Part(
+    name="core",
+    registries={"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "schedules": SCHEDULES},
+    commands=(RUN, LIST, EXPORT, REPORT),
+    report=report_summary,
+    doc="the discrete run, the zoo of models, data, losses and schedules, the trajectory store",
+)
