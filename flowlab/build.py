@@ -84,7 +84,6 @@ def build(study: Study) -> Built:
     """Build the Problem (model on data with the loss) and the learning-rate sequence of a study."""
     device = resolve_device(study.study.device)
     dtype = resolve_dtype(study.study.dtype)
-    model_fn_name = study.model.name
     # quadratic-style models carry their own input size; data may be inferred from the model
     data = build_data(study, input_shape=_model_dim(study))
     module = build_model(study, data)
@@ -97,7 +96,6 @@ def build(study: Study) -> Built:
         raise ConfigError("optimizer.batch_size", opt.batch_size, f"larger than the dataset ({len(data)} examples)")
     problem = Problem(module, loss_fn, data, dtype=dtype, device=device, chunk_size=study.data.chunk_size,
                       hvp=study.loss.hvp)
-    problem.model_name = model_fn_name
     lrs = build_schedule(opt.schedule.name, opt.lr, dict(opt.schedule.options), opt.steps, study.registry("schedules"))
     return Built(study, problem, lrs)
 

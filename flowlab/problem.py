@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -263,6 +264,9 @@ class Problem:
         self.theta0 = flat.clone()
         self.hvp_method = hvp
         self.counts = {"grad": 0, "loss": 0, "hvp": 0, "d3": 0}
+        #: objects derived from this problem, cached by the part that makes them under its own key
+        #: (the symmetry groups, the JAX twins): they live and die with the problem
+        self.derived: dict[str, Any] = {}
         self._norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     # ----------------------------------------------------------------- batches

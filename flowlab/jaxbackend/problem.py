@@ -202,8 +202,8 @@ class JaxProblem:
 
 
 def jax_problem(problem: Problem, **options: Any) -> JaxProblem:
-    """The JAX twin of ``problem`` (cached on it: one twin per Problem and set of options)."""
-    cache = problem.__dict__.setdefault("_jax_twins", {})
+    """The JAX twin of ``problem`` (cached: one twin per Problem and set of options, dropped with it)."""
+    cache = problem.derived.setdefault("jax.twins", {})
     key = tuple(sorted(options.items()))
     if key not in cache:
         cache[key] = JaxProblem(problem, **options)

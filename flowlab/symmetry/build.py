@@ -8,7 +8,7 @@ from .config import SymmetrySection, parse_symmetry
 from .detect import detect_problem
 from .groups import Groups, Skipped, build_user_blocks
 
-_CACHE_ATTR = "_flowlab_symmetry_groups"
+_KEY = "symmetry.groups"  # in problem.derived: (section, groups), detection traces the model once
 
 
 def build_groups(problem: Problem, section: SymmetrySection | None = None) -> Groups:
@@ -17,7 +17,7 @@ def build_groups(problem: Problem, section: SymmetrySection | None = None) -> Gr
     The result is cached on the problem (detection traces the model once per problem)."""
     section = section or parse_symmetry({})
     key = section.to_dict()
-    cached = getattr(problem, _CACHE_ATTR, None)
+    cached = problem.derived.get(_KEY)
     if cached is not None and cached[0] == key:
         return cached[1]
     if section.detect:
@@ -33,7 +33,7 @@ def build_groups(problem: Problem, section: SymmetrySection | None = None) -> Gr
             groups.skipped.append(Skipped(layer, kind, "excluded by [symmetry] exclude"))
     if section.groups:
         groups = groups.extend(build_user_blocks(section.groups, problem.layout))
-    setattr(problem, _CACHE_ATTR, (key, groups))
+    problem.derived[_KEY] = (key, groups)
     return groups
 
 
