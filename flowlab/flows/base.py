@@ -83,7 +83,8 @@ class Flow:
     order: ClassVar[int] = 1
     #: which ops the vector field calls (a subset of OPS_METHODS)
     needs: ClassVar[frozenset[str]] = frozenset({"loss_and_grad"})
-    #: 1: state (θ,); 2: state (θ, θ')
+    #: the number of arrays in the state: 1 for (θ,), 2 for (θ, θ'); a flow composed with its law
+    #: (:class:`flowlab.theory.LawFlow`) counts the law's arrays too
     state_size: ClassVar[int] = 1
     #: the discrete method the flow models: "gd" (plain (S)GD) or "heavy_ball" (momentum β)
     discrete: ClassVar[str] = "gd"
@@ -96,6 +97,10 @@ class Flow:
 
     def theta(self, state: tuple) -> Any:
         return state[0]
+
+    def velocity(self, state: tuple) -> Any:
+        """θ' where the state carries it (second-order forms), else None."""
+        return state[1] if self.state_size > 1 else None
 
     def time_shift(self, hp: Hyper) -> float:
         """s ≥ 0: the flow is recorded at discrete time t with flow time t − s (module docstring)."""

@@ -189,7 +189,9 @@ class FlowFollower:
         if self.with_loss:
             with torch.no_grad():
                 loss = self.problem.full_loss(theta)
-        velocity = self.integrator.to_torch(state[1], like) if self.flow.state_size > 1 else None
+        get_velocity = getattr(self.flow, "velocity", None)
+        v = get_velocity(state) if get_velocity is not None else (state[1] if self.flow.state_size > 1 else None)
+        velocity = self.integrator.to_torch(v, like) if v is not None else None
         observe = getattr(self.flow, "observe", None)
         extras = observe(state) if observe is not None else {}
         self.wall_seconds += time.perf_counter() - start

@@ -373,7 +373,7 @@ def build_user_blocks(specs: Sequence[GroupSpec], layout: ParamLayout) -> list[G
     """Turn ``[[symmetry.groups]]`` entries into group blocks (validated against the layout)."""
     blocks = []
     for k, spec in enumerate(specs):
-        field_name = f"symmetry.groups[{k}]"
+        field_name = f"symmetry.groups.{k}"
         if spec.kind == "rescale":
             if not spec.incoming or not spec.outgoing or spec.params:
                 raise ConfigError(field_name, spec.to_dict(), "a rescale group needs incoming = [...] and outgoing = [...] (not params)")

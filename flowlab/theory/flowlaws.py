@@ -139,9 +139,9 @@ class LawFlow(Flow):
         self.inner, self.forms, self.q0 = inner, forms, q0
         self.kind = law.kind
         self.name, self.order, self.discrete = inner.name, inner.order, getattr(inner, "discrete", "gd")
-        self.state_size = inner.state_size
-        self.needs = getattr(inner, "needs", frozenset())
         self.n_inner = inner.state_size
+        self.state_size = self.n_inner + (2 if law.kind == OSCILLATOR else 1)
+        self.needs = getattr(inner, "needs", frozenset())
 
     def options(self) -> dict:
         return self.inner.options()
@@ -159,6 +159,10 @@ class LawFlow(Flow):
 
     def theta(self, state: tuple) -> Any:
         return self.inner.theta(state[: self.n_inner])
+
+    def velocity(self, state: tuple) -> Any:
+        velocity = getattr(self.inner, "velocity", None)
+        return velocity(state[: self.n_inner]) if velocity is not None else None
 
     def initial_state(self, theta0, ops, hp):
         inner = tuple(self.inner.initial_state(theta0, ops, hp))
