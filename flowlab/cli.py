@@ -149,8 +149,9 @@ def make_parser(parts: Parts) -> argparse.ArgumentParser:
     parser = _Parser(prog="flowlab", description="Discrete SGD and continuous models of SGD on the same network.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = {}
     for name, cmd in parts.commands.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p = parser.commands[name] = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.configure(p)
     return parser
 
@@ -168,7 +169,11 @@ def main(argv: Sequence[str] | None = None, parts: Parts | None = None) -> int:
         return EXIT_BAD_INPUT
     parser = make_parser(parts)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # after the command: its parser reports them, so the hint names its --help
+            given = list(sys.argv[1:] if argv is None else argv)
+            after = args.command in given and given.index(args.command) < given.index(extra[0])
+            (parser.commands[args.command] if after else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # usage errors (2) and --help (0) end here, as a status
         return int(exc.code or 0)
     if not args.command:

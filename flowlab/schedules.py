@@ -58,7 +58,10 @@ def build_schedule(name: str, lr: float, options: dict, steps: int, registry: Re
     opts = dict(options)
     if name == "cosine":
         opts.setdefault("period", steps)
-    call_with_options(fn, opts, "optimizer.schedule", step=0, lr=lr)  # checks the option names once
+    try:
+        call_with_options(fn, opts, "optimizer.schedule", step=0, lr=lr)  # checks the option names once
+    except ArithmeticError as exc:  # e.g. warmup_steps = 0, period = 0, step_size = 0
+        raise ConfigError("optimizer.schedule", opts, f"rejected by {name}: {exc}") from None
     try:
         values = np.array([fn(step=k, lr=lr, **opts) for k in range(steps)], dtype=np.float64)
     except (TypeError, ValueError, ArithmeticError) as exc:
@@ -66,5 +69,5 @@ def build_schedule(name: str, lr: float, options: dict, steps: int, registry: Re
     bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
     if bad.size:
         k = int(bad[0])
-        raise ConfigError("optimizer.schedule", name, f"gives learning rate {values[k]!r} at step {k}; must be > 0")
+        raise ConfigError("optimizer.schedule", name, f"gives learning rate {float(values[k])!r} at step {k}; must be > 0")
     return values

@@ -33,10 +33,11 @@ def test_quadratic_is_the_closed_form():
     p = flowlab.build(study).problem
     A = torch.tensor([[2.5, -1.5], [-1.5, 2.5]], dtype=torch.float64)
     th = torch.tensor([0.3, -0.7], dtype=torch.float64)
-    assert float(p.full_loss(th)) == pytest.approx(float(0.5 * th @ A @ th), rel=1e-15)
-    assert torch.allclose(p.full_grad(th), A @ th, rtol=1e-15)
+    # tolerances: a few roundings of O(1) numbers; atol/abs set (defaults 1e-8 / 1e-12 would dominate)
+    assert float(p.full_loss(th)) == pytest.approx(float(0.5 * th @ A @ th), rel=4e-16, abs=0)
+    assert torch.allclose(p.full_grad(th), A @ th, rtol=4e-16, atol=0)
     v = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    assert torch.allclose(p.full_hvp(th, v), A @ v, rtol=1e-15)
+    assert torch.allclose(p.full_hvp(th, v), A @ v, rtol=4e-16, atol=0)
 
 
 def test_vgg16_has_the_papers_tiny_imagenet_shapes():

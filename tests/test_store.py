@@ -1,5 +1,8 @@
 """The trajectory store: what was recorded is what comes back (zarr and netCDF), streamed in chunks."""
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +10,7 @@ import xarray as xr
 from conftest import small_study
 
 import flowlab
+from flowlab.flows import Continuous, GradientFlow, integrator
 from flowlab.recording import Recorder
 from flowlab.sgd import DiscreteSGD
 
@@ -95,12 +99,80 @@ def test_divergence_is_a_status_and_keeps_the_data(tmp_path):
     assert np.isfinite(ds.loss.values[0, :-1]).all() and not np.isfinite(ds.loss.values[0, -1])
 
 
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
 def test_existing_result_is_not_overwritten(tmp_path):
-    raw = small_study(optimizer={"steps": 2})
-    flowlab.run(flowlab.parse_study(raw), tmp_path / "o")
+    """A second run into the same folder is refused and leaves the old result as it was; with
+    overwrite=True the folder holds exactly what the new run writes into an empty folder (no variable,
+    dynamics, row or file of the old run left)."""
+    old = small_study(optimizer={"steps": 9}, record={"full_loss": True, "chunk": 4},
+                      flows=[{"name": "gradient_flow", "integrator": "flowlab:rk4", "dt": 0.05, "label": "gf"}])
+    flowlab.run(flowlab.parse_study(old), tmp_path / "o")
+    before = flowlab.open_result(tmp_path / "o", load=True)
+    assert list(before.dynamics.values) == ["sgd", "gf"] and "full_loss" in before  # what must go
+    new = small_study(study={"seed": 3}, optimizer={"steps": 4}, record={"every": 2})
     with pytest.raises(flowlab.FlowlabError, match="exists"):
-        flowlab.run(flowlab.parse_study(raw), tmp_path / "o")
-    flowlab.run(flowlab.parse_study(raw), tmp_path / "o", overwrite=True)
+        flowlab.run(flowlab.parse_study(new), tmp_path / "o")
+    xr.testing.assert_identical(flowlab.open_result(tmp_path / "o", load=True), before)
+
+    ds = flowlab.run(flowlab.parse_study(new), tmp_path / "o", overwrite=True).load()
+    fresh = flowlab.run(flowlab.parse_study(new), tmp_path / "fresh").load()
+    assert list(ds.dynamics.values) == ["sgd"] and "full_loss" not in ds and "flow_law" not in ds
+    assert ds.step.values.tolist() == [0, 2, 4]
+    assert _files(tmp_path / "o") == _files(tmp_path / "fresh")  # the zarr arrays and chunks, the json files
+    ignore = ["wall_seconds"]  # and the attribute "created"
+    a, b = ds.drop_vars(ignore), fresh.drop_vars(ignore)
+    for x in (a, b):
+        del x.attrs["created"]
+    xr.testing.assert_identical(a, b)
+    for name in ("study.json", "summary.json"):  # equal but for the folder's name and the wall times
+        got, want = (json.loads((tmp_path / folder / name).read_text()) for folder in ("o", "fresh"))
+        for d in (got, want):
+            for key in ("out", "regenerate", "wall_seconds"):
+                d.pop(key, None)
+        assert got == want, name
+
+
+class StopBefore(Recorder):
+    """Raises KeyboardInterrupt (what Ctrl-C raises) just before update k."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def before_update(self, info):
+        if info.step == self.k:
+            raise KeyboardInterrupt
+
+
+class Explode(GradientFlow):
+    """Gradient flow whose field turns non-finite after t = 0.25: a flow that stops mid-run."""
+
+    name = "explode"
+
+    def vector_field(self, t, state, ops, hp):
+        (v,) = super().vector_field(t, state, ops, hp)
+        return (v * math.inf if float(t) > 0.25 else v,)
+
+
+def test_interruption_marks_every_running_dynamics(tmp_path):
+    """flowlab.run re-raises the KeyboardInterrupt after keeping the rows: every dynamics still running
+    is ``interrupted at step k``; a flow that had stopped keeps its own status."""
+    k = 8  # η = 0.1: t_8 = 0.8, long after the exploding flow stopped
+    raw = small_study(optimizer={"steps": 20}, record={"chunk": 4})  # rows 0..8: two chunks and one row left
+    flows = [Continuous(GradientFlow(), integrator("flowlab:rk4", dt=0.05), "gf"),
+             Continuous(Explode(), integrator("flowlab:rk4", dt=0.05), "boom")]
+    with pytest.raises(KeyboardInterrupt):
+        flowlab.run(flowlab.parse_study(raw), tmp_path / "o", recorders=[StopBefore(k)], flows=flows)
+    ds = flowlab.open_result(tmp_path / "o", load=True)
+    status = dict(zip(ds.dynamics.values.tolist(), ds.status.values.tolist()))
+    assert status["sgd"] == status["gf"] == f"interrupted at step {k}", status
+    assert status["boom"].startswith("blew up"), status
+    assert ds.step.values.tolist() == list(range(k + 1))
+    assert np.isfinite(ds.loss.sel(dynamics=["sgd", "gf"]).values).all()
+    boom = ds.loss.sel(dynamics="boom").values
+    assert np.isfinite(boom[:3]).all() and np.isnan(boom[3:]).all()  # rows at t ≤ 0.2 kept, NaN from t = 0.3
 
 
 def test_store_is_readable_while_running(tmp_path):

@@ -130,6 +130,22 @@ def _params(fn: Any) -> tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
 
 
+#: solver arguments torchdiffeq fills itself (not options)
+_NOT_OPTIONS = frozenset({"self", "func", "y0", "rtol", "atol"})
+
+
+def solver_options(method: str) -> frozenset[str] | None:
+    """The option names torchdiffeq's solver for ``method`` takes (its ``__init__``'s named
+    arguments), or None when that cannot be read.  torchdiffeq itself only warns about others."""
+    try:
+        cls = _privates().SOLVERS[method]
+        params = inspect.signature(cls).parameters.values()
+    except Exception:  # noqa: BLE001 - a changed private layout: no check
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                     and p.name not in _NOT_OPTIONS)
+
+
 def fast_path_problem(method: str) -> str | None:
     """Why the row-stage fast path cannot be used for ``method`` on the installed torchdiffeq, or
     None when it can."""

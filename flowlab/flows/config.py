@@ -113,6 +113,6 @@ def parse_flows(raw: Any) -> FlowsSection:
     specs = tuple(parse_flow(f, i) for i, f in enumerate(raw))
     labels = [f.label for f in specs]
     for i, label in enumerate(labels):
-        if label == "sgd" or labels.count(label) > 1:
+        if label == "sgd" or label in labels[:i]:  # named at the repeat, the entry to change
             raise ConfigError(f"flows.{i}.label", label, "labels must be unique and not 'sgd' (give each flow a label)")
     return FlowsSection(specs)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from . import _torchdiffeq as _td
 from .base import Flow, FlowStopped, Hyper, Integrator, Ops
 
@@ -143,6 +143,14 @@ class TorchdiffeqIntegrator(Integrator):
             raise ConfigError("dt", None, f"torchdiffeq:{self.method} is a fixed-step method: give dt")
         if not isinstance(max_steps, int) or max_steps <= 0:
             raise ConfigError("integrator_options.max_steps", max_steps, "expected a positive integer")
+        allowed = _td.solver_options(self.method)
+        managed = {"max_num_steps": "max_steps", "step_size": "dt"}  # set by flowlab from its own keys
+        for key, value in solver_options.items():
+            if allowed is not None and (key not in allowed or key in managed):
+                names = sorted({"max_steps", *(allowed - set(managed))})
+                hint = f"use {managed[key]}" if key in managed else did_you_mean(key, names)
+                raise ConfigError(f"integrator_options.{key}", value,
+                                  f"unknown option of torchdiffeq:{self.method}; allowed: {', '.join(names)}", hint)
         self.rtol, self.atol, self.dt = rtol, atol, dt
         self.max_steps = max_steps
         self.solver_options = dict(solver_options)

@@ -94,6 +94,8 @@ class DiffraxIntegrator(Integrator):
         land = landing(land, default_land)
         if conv not in ("auto", "lax", "im2col"):
             raise ConfigError("integrator_options.conv", conv, "allowed: auto, lax, im2col")
+        if precision not in ("highest", "high", "default"):
+            raise ConfigError("integrator_options.precision", precision, "allowed: highest, high, default")
         if linear_solver not in LINEAR_SOLVERS:
             raise ConfigError("integrator_options.linear_solver", linear_solver,
                               f"allowed: {', '.join(LINEAR_SOLVERS)}")
