@@ -2,7 +2,8 @@
 ones docs/theory.md#groups-in-real-networks defines — no missing, no false.  Each expected group is written out by hand from
 the parameter shapes (W[c], b[c], W'[:, c], ...), independently of the detector.
 
-The model builders are also used as ``[model] name = "test_symmetry_models:..."`` by the run tests.
+The networks live in ``tests/helper_models.py`` (a plain module: the run tests name them as
+``[model] name = "helper_models:..."``).
 """
 
 from __future__ import annotations
@@ -10,125 +11,26 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helper_models import (
+    LNMLP,
+    RMSMLP,
+    CatMLP,
+    ComputedWeight,
+    GNConv,
+    GroupedConv,
+    INConv,
+    Shared,
+    leaky_mlp,
+    prelu_mlp,
+    res_mlp,
+    tanh_net,
+    vgg_style,
+    weight_norm_mlp,
+)
 from torch import nn
 
 from flowlab.problem import ParamLayout
 from flowlab.symmetry import detect
-
-# ------------------------------------------------------------------------ models
-
-
-class VGGStyle(nn.Module):
-    """conv–[BN]–ReLU–maxpool, conv–[BN]–ReLU–avgpool, flatten, fc–ReLU–dropout, fc (8×8 input)."""
-
-    def __init__(self, batchnorm: bool = True, in_ch: int = 1, classes: int = 4, bn_eps: float = 1e-5,
-                 dropout: float = 0.25):
-        super().__init__()
-        self.batchnorm, self.p = batchnorm, dropout
-        self.c1 = nn.Conv2d(in_ch, 3, 3, padding=1)
-        self.c2 = nn.Conv2d(3, 4, 3, padding=1)
-        if batchnorm:
-            self.b1 = nn.BatchNorm2d(3, eps=bn_eps)
-            self.b2 = nn.BatchNorm2d(4, eps=bn_eps)
-        self.fc1 = nn.Linear(4 * 2 * 2, 6)
-        self.fc2 = nn.Linear(6, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.c1(x)
-        if self.batchnorm:
-            x = self.b1(x)
-        x = F.max_pool2d(F.relu(x, inplace=True), 2)
-        x = self.c2(x)
-        if self.batchnorm:
-            x = self.b2(x)
-        x = F.avg_pool2d(torch.relu(x), 2)
-        x = x.view(x.size(0), -1)
-        x = F.dropout(F.relu(self.fc1(x)), self.p, self.training)
-        return self.fc2(x)
-
-
-def vgg_style(batchnorm: bool = True, bn_eps: float = 1e-5, dropout: float = 0.25, num_outputs: int = 4) -> nn.Module:
-    return VGGStyle(batchnorm, 1, num_outputs, bn_eps, dropout)
-
-
-def leaky_mlp(num_outputs: int = 4) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 7), nn.LeakyReLU(0.1), nn.Dropout(0.2), nn.Linear(7, 5),
-                         nn.LeakyReLU(0.3), nn.Linear(5, num_outputs))
-
-
-def tanh_net(num_outputs: int = 4) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, num_outputs))
-
-
-class ResMLP(nn.Module):
-    """h = relu(inp x); y = h + blk2(relu(blk1 h)); out = head(relu y)."""
-
-    def __init__(self, classes: int = 4):
-        super().__init__()
-        self.inp = nn.Linear(64, 6)
-        self.blk1 = nn.Linear(6, 5)
-        self.blk2 = nn.Linear(5, 6)
-        self.head = nn.Linear(6, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.inp(x.flatten(1)))
-        y = h + self.blk2(F.relu(self.blk1(h)))
-        return self.head(F.relu(y))
-
-
-def res_mlp(num_outputs: int = 4) -> nn.Module:
-    return ResMLP(num_outputs)
-
-
-class LNMLP(nn.Module):
-    def __init__(self, classes: int = 4, eps: float = 1e-5):
-        super().__init__()
-        self.fc1 = nn.Linear(64, 6)
-        self.ln = nn.LayerNorm(6, eps=eps)
-        self.fc2 = nn.Linear(6, classes)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.ln(self.fc1(x.reshape(x.shape[0], -1)))))
-
-
-class GNConv(nn.Module):
-    def __init__(self, classes: int = 3, eps: float = 1e-5):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.gn = nn.GroupNorm(2, 4, eps=eps)
-        self.fc = nn.Linear(4 * 6 * 6, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(F.relu(self.gn(self.conv(x))), 1))
-
-
-class GroupedConv(nn.Module):
-    """conv(1→4) → ReLU → conv(4→4, groups=2) → ReLU → flatten → fc."""
-
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.a = nn.Conv2d(1, 4, 3)
-        self.b = nn.Conv2d(4, 4, 3, groups=2, bias=False)
-        self.fc = nn.Linear(4 * 4 * 4, classes)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.b(F.relu(self.a(x)))).flatten(1))
-
-
-class Shared(nn.Module):
-    """The same Linear applied twice (weight sharing): no group may involve it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(64, 8)
-        self.sq = nn.Linear(8, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = F.relu(self.fc1(x.flatten(1)))
-        h = F.relu(self.sq(F.relu(self.sq(h))))
-        return self.out(h)
-
 
 # ------------------------------------------------------------ expected groups
 
@@ -275,6 +177,71 @@ def test_shared_weights_get_no_group():
     got, det = found(m, IMG)
     assert got == set(translation(ii, "out", 8))
     assert {s.layer for s in det.skipped} >= {"fc1", "sq"}
+
+
+def test_instancenorm_per_channel_scale_and_affine_rescale():
+    m = INConv()
+    ii = ix(m)  # conv.weight (4, 1, 3, 3); InstanceNorm2d(4, affine); fc reads 4 × 6 × 6 = 144 columns
+    expected = set([grp("scale", [ii["conv.weight"][c], ii["conv.bias"][c]]) for c in range(4)]
+                   + rescale_units(ii, "inorm", "fc", 4, cols_per_unit=36) + translation(ii, "fc", 144))
+    got, det = found(m, IMG)
+    assert got == expected
+    assert (det.groups.eps[det.groups.kinds == "scale"] == 1e-5).all()
+
+
+def test_rmsnorm_whole_layer_scale_and_weight_only_rescale():
+    m = RMSMLP(eps=1e-6)
+    ii = ix(m)  # fc1 (6, 64) → RMSNorm(6): one scale group; rms.weight[c] has no bias partner
+    expected = set([grp("scale", [ii["fc1.weight"], ii["fc1.bias"]])]
+                   + [grp("rescale", [ii["rms.weight"][c]], [ii["fc2.weight"][:, c]]) for c in range(6)]
+                   + translation(ii, "fc2", 6))
+    got, det = found(m, IMG)
+    assert got == expected
+    assert (det.groups.eps[det.groups.kinds == "scale"] == 1e-6).all()
+
+
+def test_prelu_passes_rescale_and_its_slopes_get_no_group():
+    m = prelu_mlp()
+    ii = ix(m)  # 1: Linear(64, 7), 2: PReLU(1), 3: Linear(7, 5), 4: PReLU(5), 5: Linear(5, 4)
+    expected = set(rescale_units(ii, "1", "3", 7) + rescale_units(ii, "3", "5", 5) + translation(ii, "5", 5))
+    got, det = found(m, IMG)
+    assert got == expected
+    slopes = {s.layer: s.reason for s in det.skipped if s.layer in ("2", "4")}
+    assert set(slopes) == {"2", "4"} and all("prelu" in r for r in slopes.values()), det.skipped
+
+
+def test_cat_ends_the_search_with_a_reason():
+    m = CatMLP()
+    ii = ix(m)
+    # fc0's channel c is read by both branches: one group with both outgoing columns; the branches
+    # fa, fb end in cat (mixing: no group, said why)
+    expected = {grp("rescale", [ii["fc0.weight"][c], ii["fc0.bias"][c]], [ii["fa.weight"][:, c], ii["fb.weight"][:, c]])
+                for c in range(6)} | set(translation(ii, "head", 5))
+    got, det = found(m, IMG)
+    assert got == expected
+    reasons = {s.layer: s.reason for s in det.skipped}
+    assert "cat" in reasons["fa"] and "cat" in reasons["fb"], det.skipped
+
+
+def test_computed_weights_get_no_group_with_a_reason():
+    m = ComputedWeight()
+    ii = ix(m)
+    # the middle layer's weight is tanh(raw) (computed): no group for it, none for fc1 that feeds it
+    expected = set(rescale_units(ii, "fc2", "out", 4) + translation(ii, "out", 4))
+    got, det = found(m, IMG)
+    assert got == expected
+    reasons = {s.layer: s.reason for s in det.skipped}
+    assert "computed" in reasons["mid_bias"] and "not a plain parameter" in reasons["fc1"], det.skipped
+    assert "raw" in reasons and "tanh" in reasons["raw"]
+
+
+def test_weight_norm_parametrization_gets_no_group():
+    m = weight_norm_mlp()
+    ii = ix(m)  # 3.weight = g·v/|v| is computed from 3.parametrizations.weight.original0/1
+    got, det = found(m, IMG)
+    assert got == set(translation(ii, "5", 5))
+    reasons = {s.layer: s.reason for s in det.skipped}
+    assert "computed" in reasons["3"] and "not a plain parameter" in reasons["1"], det.skipped
 
 
 @pytest.mark.parametrize("batchnorm", [True, False])

@@ -138,7 +138,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         console.print(f"[bold red]{n_flag} group(s) FLAGGED[/bold red]: residual above round-off — not a symmetry of "
                       "this model/loss (wrong group?)")
         return 1
-    console.print("all groups at round-off")
+    if args.tolerance is None and tol is None:
+        console.print("all groups at round-off")
+    else:
+        console.print(f"no group above the tolerance {res.tolerance:.1e}")
     return 0
 
 
