@@ -57,7 +57,8 @@ def test_orders_on_a_quadratic_all_flows():
     assert np.all(ds.beta.values == 0.5)
 
 
-TINY_FLOWS = ["gradient_flow", "modified_loss", "modified_second_order"]
+TINY_FLOWS = ["gradient_flow", "modified_loss", "modified_temporal", "modified_second_order"]
+TINY_MOMENTUM_FLOWS = ["momentum_first_order", "momentum_second_order", "momentum_modified"]
 
 
 def _tiny_tanh_study(flows=None):
@@ -73,14 +74,27 @@ def _tiny_tanh_study(flows=None):
 
 
 def test_orders_on_a_small_tanh_network():
-    """The default-run check on a real (tiny) network: the η-expansion flows with a third
-    derivative and the second-order momentum flow."""
+    """The default-run check on a real (tiny) network: the η-expansion flows against GD, with a
+    third derivative (modified_second_order) and the stiff second-order form (modified_temporal)."""
     ds = measure_orders(_tiny_tanh_study(), [0.2, 0.1, 0.05], horizon=1.0, flows=TINY_FLOWS, rtol=1e-8)
     names = TINY_FLOWS
     _check(ds, names)
     # function space tells the same story
     for i in range(len(names)):
         assert abs(float(ds.order_output.values[i]) - EXPECTED[names[i]]) <= 0.3
+
+
+def test_momentum_orders_on_a_small_tanh_network():
+    """The momentum flows against heavy ball (β = 0.5) on the same tiny network.  Their η²
+    coefficient carries powers of 1/(1−β), so the asymptotic regime starts at smaller η and they
+    are measured at η = 0.05 … 0.0125 over T = 2 (docs/theory.md#start-up-and-time-shift)."""
+    ds = measure_orders(_tiny_tanh_study(), [0.05, 0.025, 0.0125], horizon=2.0, flows=TINY_MOMENTUM_FLOWS,
+                        momentum=0.5, rtol=1e-8)
+    _check(ds, TINY_MOMENTUM_FLOWS)
+    assert np.all(ds.beta.values == 0.5) and list(ds.discrete.values) == ["heavy_ball"] * 3
+    # the first-order form is compared at its own time t − ηβ/(1−β), the others unshifted
+    np.testing.assert_allclose(ds.time_shift.values[0], ds.lr.values * 0.5 / (1 - 0.5), rtol=1e-15, atol=0)
+    assert np.all(ds.time_shift.values[1] == 0.0) and np.all(ds.time_shift.values[2] == ds.time_shift.values[0])
 
 
 def test_orders_cli_writes_the_table_and_dataset(tmp_path, capsys):
@@ -99,6 +113,26 @@ def test_orders_cli_writes_the_table_and_dataset(tmp_path, capsys):
     assert cli_main(["orders", str(path), "--lr", "0.1,0.03", "--horizon", "1"]) == 2  # T not a multiple of 0.03
 
 
+def test_orders_cli_momentum_sets_the_heavy_ball_beta(tmp_path, capsys):
+    """``flowlab orders --momentum 0.25``: the momentum flows and the heavy ball they are measured
+    against both take β = 0.25 (the study has no momentum, so the default would be 0.5).  The flow
+    side shows in the time shift ηβ/(1−β); the discrete side in the orders: against a heavy ball
+    with another β the error would not fall with η at all."""
+    path = tmp_path / "q.toml"
+    path.write_text('[study]\nname = "q"\ndevice = "cpu"\n[model]\nname = "quadratic"\nA = [[0.5, -0.3], [-0.3, 0.5]]\n'
+                    '[data]\nname = "points"\n[optimizer]\nlr = 0.1\nsteps = 1\n')
+    code = cli_main(["orders", str(path), "--lr", "0.1,0.05", "--horizon", "1", "--flows",
+                     "momentum_first_order,momentum_second_order", "--momentum", "0.25", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("HB β=0.25") == 2, out
+    import xarray as xr
+
+    ds = xr.open_dataset(tmp_path / "o" / "orders.nc", engine="h5netcdf")
+    assert np.all(ds.beta.values == 0.25)
+    np.testing.assert_allclose(ds.time_shift.values[0], ds.lr.values * 0.25 / 0.75, rtol=1e-15, atol=0)
+    assert bool(ds.passed.all()), format_table(ds)
+
+
 @pytest.mark.slow
 def test_orders_on_the_tanh_study_all_flows():
     """The acceptance check: every flow's order within ±0.2 on studies/orders_tanh.toml (a 1210-
@@ -112,9 +146,10 @@ def test_orders_on_the_tanh_study_all_flows():
 
 def test_orders_on_a_small_tanh_network_with_diffrax():
     """The same default-run check with every flow integrated by diffrax (the JAX backend)."""
-    study = _tiny_tanh_study([{"name": n, "integrator": "diffrax:Dopri5", "rtol": 1e-8, "label": n} for n in TINY_FLOWS])
+    names = ["gradient_flow", "modified_loss", "modified_second_order"]
+    study = _tiny_tanh_study([{"name": n, "integrator": "diffrax:Dopri5", "rtol": 1e-8, "label": n} for n in names])
     ds = measure_orders(study, [0.2, 0.1, 0.05], horizon=1.0)
-    _check(ds, TINY_FLOWS)
+    _check(ds, names)
 
 
 @pytest.mark.slow

@@ -89,13 +89,19 @@ def test_every_flow_in_a_run_matches_its_closed_form(tmp_path, beta):
         want = np.stack([closed_form(name, hp, t) for t in times])
         got = ds.theta.isel(dynamics=i).values
         err = np.abs(got - want).max()
-        assert err <= 10 * RTOL * np.abs(THETA0).max(), (label, err)
-        # the loss a flow reports is the full-batch L at its θ (L = ½θᵀAθ, no weight decay)
+        dtheta = 10 * RTOL * np.abs(THETA0).max()
+        assert err <= dtheta, (label, err)
+        # the loss a flow reports is the full-batch L at its θ (L = ½θᵀAθ, no weight decay): off the
+        # exact L by what the θ error allows, |ΔL| ≤ |Aθ||Δθ| + ½λ_max|Δθ|² with |Δθ| ≤ √2·dtheta
         loss = 0.5 * np.einsum("ti,ij,tj->t", want, A, want)
-        np.testing.assert_allclose(ds.loss.isel(dynamics=i).values, loss, rtol=1e-7, atol=1e-12)
-        # distance is measured against the discrete run at the same t
+        d = np.sqrt(2) * dtheta
+        bound = np.linalg.norm(want @ A, axis=1) * d + 0.5 * np.linalg.eigvalsh(A).max() * d * d
+        assert np.all(np.abs(ds.loss.isel(dynamics=i).values - loss) <= bound), label
+        # distance is measured against the discrete run at the same t: the norm of the same two
+        # recorded vectors' difference, up to the rounding of a 2-term sum and a square root
         sgd = ds.theta.isel(dynamics=0).values
-        np.testing.assert_allclose(ds.distance.isel(dynamics=i).values, np.linalg.norm(got - sgd, axis=1), atol=1e-12)
+        np.testing.assert_allclose(ds.distance.isel(dynamics=i).values, np.linalg.norm(got - sgd, axis=1),
+                                   rtol=4 * np.finfo(np.float64).eps, atol=0)
 
 
 def test_first_order_momentum_flows_are_recorded_with_the_time_shift(tmp_path):
@@ -104,9 +110,11 @@ def test_first_order_momentum_flows_are_recorded_with_the_time_shift(tmp_path):
                             momentum=beta)
     ds = flowlab.run(study, tmp_path / "out").load()
     shift = lr * beta / (1 - beta)
-    np.testing.assert_allclose(ds.flow_time.isel(dynamics=1).values, np.maximum(ds.time.values - shift, 0.0), atol=1e-12)
+    # t − s, one rounding of a subtraction of numbers ≤ 0.5
+    np.testing.assert_allclose(ds.flow_time.isel(dynamics=1).values, np.maximum(ds.time.values - shift, 0.0), rtol=0,
+                               atol=np.finfo(np.float64).eps)
     got = ds.theta.isel(dynamics=1).values
-    np.testing.assert_allclose(got[:4], np.tile(THETA0, (4, 1)), atol=1e-15)  # t ≤ s: still θ0
+    np.testing.assert_array_equal(got[:4], np.tile(THETA0, (4, 1)))  # t ≤ s: not started, θ0 itself
     assert np.abs(got[4] - THETA0).max() > 1e-3
 
 
