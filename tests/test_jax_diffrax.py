@@ -545,8 +545,10 @@ def test_study_with_both_backends_in_one_dataset(tmp_path, monkeypatch):
     for i in (i_jax, i_adaptive):
         traces = np.floor(ds.compile_seconds.values[i] / FAKE)
         np.testing.assert_array_equal(traces, [1, 2, 2, 2])
-        # the compile time (≥ 2·FAKE on the fake clock) is not in the flow's wall time
-        assert 0 < ds.wall_seconds.values[i] < FAKE
+        # the compile time (≥ 2·FAKE on the fake clock) is not in the flow's wall time: counted in
+        # units of FAKE, the wall time holds no trace (and the flow did run: it is not zero)
+        wall = float(ds.wall_seconds.values[i])
+        assert np.floor(wall / FAKE) == 0 and wall != 0.0
 
 
 def test_diffrax_on_a_model_without_twin_says_so(tmp_path, monkeypatch):
