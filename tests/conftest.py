@@ -31,6 +31,27 @@ def small_study(**sections) -> dict:
     return base
 
 
+def small_toml(name: str = "t", steps: int = 5) -> str:
+    """The TOML of a tiny study (tanh MLP on 100 digits, minibatches of 20) that tests extend."""
+    return textwrap.dedent(f"""
+        [study]
+        name = "{name}"
+        dtype = "float64"
+        device = "cpu"
+        [model]
+        name = "mlp"
+        widths = [8]
+        activation = "tanh"
+        [data]
+        name = "digits"
+        n = 100
+        [optimizer]
+        lr = 0.1
+        steps = {steps}
+        batch_size = 20
+    """)
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A user package on sys.path with a model function and data functions."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, small_toml
 
 import flowlab
 from flowlab.cli import main
@@ -58,22 +58,7 @@ def test_export_of_a_missing_result(tmp_path, capsys):
     assert "no trajectory.zarr" in capsys.readouterr().err
 
 
-SMALL = """
-[study]
-name = "{name}"
-dtype = "float64"
-device = "cpu"
-[model]
-name = "mlp"
-widths = [8]
-activation = "tanh"
-[data]
-name = "digits"
-n = 100
-[optimizer]
-lr = 0.1
-steps = {steps}
-batch_size = 20
+SMALL_EXTRA = """
 [record]
 chunk = 4
 snapshot_every = 3
@@ -87,7 +72,7 @@ label = "gf"
 
 def _study(folder, name="small", steps=12):
     path = folder / f"{name}.toml"
-    path.write_text(SMALL.format(name=name, steps=steps))
+    path.write_text(small_toml(name, steps) + SMALL_EXTRA)
     return path
 
 

@@ -5,7 +5,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, small_study
+from conftest import ROOT, small_study, small_toml
 
 import flowlab
 from flowlab.cli import main
@@ -118,23 +118,7 @@ def test_cli_bad_override(tmp_path, capsys):
     assert "optimizer.momentum = 2" in err
 
 
-BASE = """
-[study]
-name = "bad"
-dtype = "float64"
-device = "cpu"
-[model]
-name = "mlp"
-widths = [8]
-activation = "tanh"
-[data]
-name = "digits"
-n = 100
-[optimizer]
-lr = 0.1
-steps = 5
-batch_size = 20
-"""
+BASE = small_toml("bad", 5)
 RK4 = '[[flows]]\nname = "gradient_flow"\nintegrator = "flowlab:rk4"\n'
 SCHEDULE = "[optimizer.schedule]\n"
 
