@@ -162,6 +162,10 @@ class OptimizerSection:
     nesterov: bool = field(default=False, metadata=_check(boolean))
     batch_size: int | str | None = field(default=None, metadata=_check(batch_size_check))
     drop_last: bool = field(default=True, metadata=_check(boolean))
+    #: how batches are drawn: "reshuffle" (a seeded permutation per epoch, cut into batches),
+    #: "with_replacement" (B i.i.d. indices per step), "without_replacement" (a fresh uniform B-subset per step)
+    sampling: str = field(default="reshuffle", metadata=_check(one_of("reshuffle", "with_replacement",
+                                                                       "without_replacement")))
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
 
     @property

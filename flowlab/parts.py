@@ -48,6 +48,7 @@ BUILTIN_PARTS: tuple[tuple[str, str], ...] = (
     ("theory", "flowlab.theory.part:PART"),
     ("flows", "flowlab.flows.part:PART"),
     ("jax", "flowlab.jaxbackend.part:PART"),
+    ("stochastic", "flowlab.stochastic.part:PART"),
 )
 
 

@@ -10,8 +10,10 @@ Update k (η_k from the schedule, ĝ_k the batch gradient at θ_k, λ the weight
     θ_{k+1} = θ_k − η_k d_k
 
 with the same floating-point operations as torch's single-tensor SGD, applied to one flat vector.
-Batches come from :class:`BatchSampler`: a seeded random permutation per epoch, cut into
-consecutive batches of S examples.
+Batches come from :class:`BatchSampler`, by the study's ``optimizer.sampling``: ``reshuffle`` (a
+seeded random permutation per epoch, cut into consecutive batches of B examples: torch's
+``DataLoader(shuffle=True)``), ``with_replacement`` (B i.i.d. uniform indices per step) or
+``without_replacement`` (a fresh uniform B-subset per step, independent across steps).
 """
 
 from __future__ import annotations
@@ -24,20 +26,29 @@ from .errors import ConfigError
 from .problem import Batch, Problem
 
 
+SAMPLING = ("reshuffle", "with_replacement", "without_replacement")
+
+
 class BatchSampler:
-    """Seeded minibatch indices: a new random permutation each epoch, consecutive batches of
-    ``batch_size`` (the last short batch of an epoch dropped when ``drop_last``).  ``next()``
-    returns None for full-batch runs."""
+    """Seeded minibatch indices.  ``scheme`` ``reshuffle``: a new random permutation each epoch,
+    consecutive batches of ``batch_size`` (the last short batch of an epoch dropped when
+    ``drop_last``); ``with_replacement``: ``batch_size`` i.i.d. uniform indices per step;
+    ``without_replacement``: a fresh uniform ``batch_size``-subset per step.  ``next()`` returns
+    None for full-batch runs (with replacement, a batch of N is still drawn: it is not the full
+    batch)."""
 
     def __init__(self, n: int, batch_size: int | str | None, seed: int, drop_last: bool = True,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", scheme: str = "reshuffle"):
+        if scheme not in SAMPLING:
+            raise ConfigError("optimizer.sampling", scheme, f"allowed: {', '.join(SAMPLING)}")
         if batch_size not in (None, "full") and (not isinstance(batch_size, int) or batch_size <= 0):
             raise ConfigError("optimizer.batch_size", batch_size, "expected a positive integer or \"full\"")
         if isinstance(batch_size, int) and batch_size > n:
             raise ConfigError("optimizer.batch_size", batch_size, f"larger than the dataset ({n} examples)")
         self.n = n
-        self.full = batch_size in (None, "full") or batch_size == n
-        self.size = n if self.full else int(batch_size)  # type: ignore[arg-type]
+        self.scheme = scheme
+        self.full = batch_size in (None, "full") or (batch_size == n and scheme != "with_replacement")
+        self.size = n if batch_size in (None, "full") else int(batch_size)  # type: ignore[arg-type]
         self.drop_last = drop_last
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -47,6 +58,10 @@ class BatchSampler:
     def next(self) -> torch.Tensor | None:
         if self.full:
             return None
+        if self.scheme == "with_replacement":
+            return torch.randint(self.n, (self.size,), generator=self.generator).to(self.device)
+        if self.scheme == "without_replacement":
+            return torch.randperm(self.n, generator=self.generator)[: self.size].to(self.device)
         limit = self.n - self.n % self.size if self.drop_last else self.n
         if self._perm is None or self._pos >= limit:
             self._perm = torch.randperm(self.n, generator=self.generator).to(self.device)
@@ -67,7 +82,8 @@ class DiscreteSGD:
         self.lrs = np.asarray(lrs, dtype=np.float64)
         self.times = np.concatenate([[0.0], np.cumsum(self.lrs)])
         self.wd, self.beta, self.damp, self.nesterov = opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov
-        self.sampler = BatchSampler(problem.n, opt.batch_size, seed, opt.drop_last, problem.device)
+        self.sampler = BatchSampler(problem.n, opt.batch_size, seed, opt.drop_last, problem.device,
+                                    getattr(opt, "sampling", "reshuffle"))
         self.theta = (problem.theta0 if theta0 is None else theta0).detach().clone()
         self._d = torch.empty_like(self.theta)
         self.buf: torch.Tensor | None = None

@@ -44,7 +44,8 @@ def raw_loop(built: flowlab.Built, steps: int) -> float:
         problem.load(problem.theta0)
     opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
                           weight_decay=opt_cfg.weight_decay, dampening=opt_cfg.dampening, nesterov=opt_cfg.nesterov)
-    sampler = flowlab.BatchSampler(problem.n, opt_cfg.batch_size, study.study.seed, opt_cfg.drop_last, problem.device)
+    sampler = flowlab.BatchSampler(problem.n, opt_cfg.batch_size, study.study.seed, opt_cfg.drop_last, problem.device,
+                                      opt_cfg.sampling)
     X, y, loss_fn = problem.X, problem.y, problem.loss_fn
     t0 = time.perf_counter()
     for _ in range(steps):

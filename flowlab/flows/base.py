@@ -45,14 +45,19 @@ class Hyper:
     """The discrete method's hyperparameters a flow depends on (Python floats).
 
     ``lr`` η, ``weight_decay`` λ (coupled L2, torch.optim.SGD's), ``momentum`` β (heavy ball,
-    dampening 0)."""
+    dampening 0); ``batch_size`` B (None: full batch) and ``sampling`` (how the discrete run draws
+    its batches: ``reshuffle``, ``with_replacement``, ``without_replacement``), which the stochastic
+    models' noise covariance depends on."""
 
     lr: float
     weight_decay: float = 0.0
     momentum: float = 0.0
+    batch_size: int | None = None
+    sampling: str = "reshuffle"
 
     def to_dict(self) -> dict:
-        return {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum}
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum,
+                "batch_size": self.batch_size, "sampling": self.sampling}
 
 
 @runtime_checkable

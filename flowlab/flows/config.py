@@ -35,6 +35,20 @@ def default_label(name: Any, integrator: Any) -> str:
     return f"{text(name)}@{text(integrator)}"
 
 
+def default_integrator(name: str) -> str:
+    """The integrator of a registered flow when ``[[flows]]`` names none: its class's
+    ``default_integrator`` (``flowlab:euler_maruyama`` for the stochastic models), else
+    :data:`DEFAULT_INTEGRATOR`."""
+    from ..parts import default_parts
+
+    try:
+        reg = default_parts().registry("flows")
+        cls = reg[name] if name in reg else None
+    except Exception:  # noqa: BLE001 - an unknown name is reported when the flow is built
+        cls = None
+    return getattr(cls, "default_integrator", None) or DEFAULT_INTEGRATOR
+
+
 @dataclass(frozen=True)
 class FlowSpec:
     """One ``[[flows]]`` entry: a continuous model, its integrator and their options."""
@@ -98,6 +112,8 @@ def parse_flow(raw: Any, index: int) -> FlowSpec:
         raise ConfigError(f"{section}.name", name, string(name))
     checks = {"integrator": string, "label": string, "rtol": positive_num, "atol": positive_num, "dt": positive_num}
     kwargs = {"name": name, **pop_checked(raw, checks, section)}
+    if "integrator" not in kwargs:
+        kwargs["integrator"] = default_integrator(name)
     if "integrator_options" in raw and not isinstance(raw["integrator_options"], Mapping):
         raise ConfigError(f"{section}.integrator_options", raw["integrator_options"],
                           "expected a table of integrator options")

@@ -51,6 +51,12 @@ class Continuous:
                           "or a (flow, integrator) pair")
 
 
+def hyper_of(opt: Any, lr: float) -> Hyper:
+    """The :class:`Hyper` of a study's ``[optimizer]`` at learning rate ``lr``."""
+    bs = None if opt.batch_size in (None, "full") else int(opt.batch_size)
+    return Hyper(float(lr), float(opt.weight_decay), float(opt.momentum), bs, str(opt.sampling))
+
+
 class FlowFollower:
     """One flow integrated alongside the discrete run (the engine's ``Dynamics`` protocol).
 
@@ -60,7 +66,8 @@ class FlowFollower:
 
     def __init__(self, flow: Flow, integrator: Integrator, problem: Any, lrs: Sequence[float], *,
                  weight_decay: float = 0.0, momentum: float = 0.0, label: str = "", times: Sequence[float] | None = None,
-                 shifted: bool = True, full_loss: bool = True):
+                 shifted: bool = True, full_loss: bool = True, batch_size: int | None = None,
+                 sampling: str = "reshuffle"):
         self.flow, self.integrator, self.problem = flow, integrator, problem
         self.label = label or default_label(getattr(flow, "name", type(flow).__name__), integrator)
         self.ops = integrator.make_ops(problem)
@@ -68,6 +75,8 @@ class FlowFollower:
         self.times = (np.concatenate([[0.0], np.cumsum(self.lrs)]) if times is None
                       else np.asarray(times, dtype=np.float64))
         self.weight_decay, self.momentum = float(weight_decay), float(momentum)
+        self.batch_size = None if batch_size in (None, "full") else int(batch_size)
+        self.sampling = sampling
         self.hp0 = self.hyper(float(self.lrs[0]))
         self.shift = float(flow.time_shift(self.hp0)) if shifted else 0.0
         # discrete times where η changes (the integrator restarts there)
@@ -76,6 +85,7 @@ class FlowFollower:
         self.with_loss = full_loss
         self.status = "running"
         self.wall_seconds = 0.0
+        self.seed: int | None = None  # a stochastic flow's path seed
         self.session: Any = None
         self.flow_time = 0.0
         self._nfe_before = 0
@@ -103,19 +113,35 @@ class FlowFollower:
         if getattr(flow, "discrete", "gd") == "heavy_ball" and (opt.nesterov or opt.dampening):
             raise ConfigError(f"{section}.name", getattr(flow, "name", flow), "momentum flows model heavy ball with "
                               "dampening 0 and no Nesterov; this study's optimizer differs")
-        hp0 = Hyper(float(built.lrs[0]), float(opt.weight_decay), float(opt.momentum))
+        hp0 = hyper_of(opt, float(built.lrs[0]))
         label = label or default_label(getattr(flow, "name", type(flow).__name__), integrator)
+        seed = None
+        if getattr(flow, "stochastic", False):
+            from ..seeds import derive_seed
+            from ..stochastic.noise import NoiseSource
+
+            flow.check(hp0, built.problem, section)
+            if not hasattr(integrator, "noise"):
+                raise ConfigError(f"{section}.integrator", getattr(integrator, "name", integrator),
+                                  f"{getattr(flow, 'name', flow)} is stochastic: integrate it with flowlab:euler_maruyama "
+                                  "(torch) or diffrax:Euler (JAX)")
+            seed = integrator.seed if getattr(integrator, "seed", None) is not None else \
+                derive_seed(built.study.study.seed, label)
+            integrator.noise = NoiseSource(seed, built.problem.device, built.problem.dtype)
         if laws is not None:
             flow = laws.compose(flow, hp0, label)
         try:  # the integrator's ops (a JAX twin of the model for diffrax) are made here
-            return cls(flow, integrator, built.problem, built.lrs, weight_decay=opt.weight_decay,
-                       momentum=opt.momentum, label=label)
+            out = cls(flow, integrator, built.problem, built.lrs, weight_decay=opt.weight_decay,
+                      momentum=opt.momentum, label=label, batch_size=hp0.batch_size, sampling=opt.sampling)
+            out.seed = seed
+            return out
         except ConfigError as exc:
             raise exc if exc.field.startswith(section) else exc.within(section) from None
 
     # ------------------------------------------------------------------ counts
     def hyper(self, lr: float) -> Hyper:
-        return Hyper(lr=float(lr), weight_decay=self.weight_decay, momentum=self.momentum)
+        return Hyper(lr=float(lr), weight_decay=self.weight_decay, momentum=self.momentum,
+                     batch_size=self.batch_size, sampling=self.sampling)
 
     @property
     def nfe(self) -> int:
@@ -228,7 +254,7 @@ def follow(flow: Flow, integrator: Integrator, problem: Any, hp: Hyper, times: S
     from ..engine import drive
 
     follower = FlowFollower(flow, integrator, problem, [hp.lr], weight_decay=hp.weight_decay, momentum=hp.momentum,
-                            shifted=False, full_loss=False)
+                            shifted=False, full_loss=False, batch_size=hp.batch_size, sampling=hp.sampling)
     keep = _KeepTheta()
     drive([follower], times, [keep], problem.device)
     if follower.status != "ok":

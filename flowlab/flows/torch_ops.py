@@ -126,3 +126,25 @@ class TorchOps:
         out = self.problem.full_d3(theta, v)
         self._last = None
         return out
+
+    # ------------------------------------------- per-example weights and batches (stochastic flows)
+    @property
+    def n(self) -> int:
+        """The number of examples N."""
+        return self.problem.n
+
+    def weighted_loss_grad(self, theta: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L(θ), ∇_θ Σ_i w_i ℓ_i(θ)) in one backward pass (:mod:`flowlab.stochastic.noise`)."""
+        from ..stochastic.noise import weighted_loss_grad
+
+        self.counts["grad"] += 1
+        self._last = None
+        return weighted_loss_grad(self.problem, theta, w)
+
+    def batch_loss_grad(self, theta: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L̂, ∇L̂) on the examples ``index``."""
+        from ..stochastic.noise import batch_loss_grad
+
+        self.counts["grad"] += 1
+        self._last = None
+        return batch_loss_grad(self.problem, theta, index)

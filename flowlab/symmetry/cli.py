@@ -113,7 +113,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         batch, where = problem.batch(), f"the full dataset ({problem.n} examples)"
     else:
         opt = study.optimizer
-        idx = BatchSampler(problem.n, opt.batch_size, study.study.seed, opt.drop_last, problem.device).next()
+        idx = BatchSampler(problem.n, opt.batch_size, study.study.seed, opt.drop_last, problem.device, opt.sampling).next()
         batch = problem.batch(idx)
         where = f"the first SGD batch ({problem.n if idx is None else len(idx)} examples)"
     t0 = time.perf_counter()
