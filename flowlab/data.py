@@ -180,6 +180,22 @@ def points(values: Sequence[Sequence[float]] | None = None, dim: int | None = No
     return Data(X, torch.zeros(len(X), dtype=torch.float64), None, "points")
 
 
+@DATASETS.register("whitened")
+def whitened(n: int = 64, dim: int = 2, seed: int = 0) -> Data:
+    """``n`` points γ_i in R^dim whitened to mean exactly 0 and covariance exactly I ((1/n)Σγγᵀ = I),
+    targets 0: the data of the noisy quadratic ℓ_γ(x) = ½(x − γ)ᵀH(x − γ) (``quadratic`` model), whose
+    gradient noise is then exactly H·H (Σ₁ = H Cov(γ) H)."""
+    if not isinstance(n, int) or n <= dim:
+        raise ConfigError("data.n", n, f"expected an integer > dim = {dim} (whitening needs n > dim points)")
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, dim))
+    X -= X.mean(0)
+    C = X.T @ X / n
+    L = np.linalg.cholesky(C)
+    X = np.linalg.solve(L, X.T).T  # covariance exactly I (to round-off)
+    return Data(torch.as_tensor(X), torch.zeros(n, dtype=torch.float64), None, "whitened")
+
+
 @DATASETS.register("npz")
 def npz(path: str, x: str = "x", y: str = "y", n: int | None = None, seed: int = 0,
         classification: bool | None = None) -> Data:

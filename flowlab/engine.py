@@ -201,7 +201,7 @@ class LockStep:
             t0 = time.perf_counter()
             d.evaluate()
             self.wall_seconds += time.perf_counter() - t0
-            diverged = (k % self.check_every == 0 or record) and not bool(torch.isfinite(d.loss))
+            diverged = (k % self.check_every == 0 or record) and not bool(torch.isfinite(d.loss).all())
         if (record or diverged) and self.followers:
             if d is not None:
                 d.keep_grad()  # the followers evaluate the same problem: ĝ_k must survive them

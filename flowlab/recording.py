@@ -177,6 +177,18 @@ class RunContext:
     record_times: np.ndarray
     snapshot_steps: np.ndarray
     lrs: np.ndarray
+    #: replicas of every stochastic dynamics (``[ensemble] size``; 1: a single run)
+    samples: int = 1
+
+    def per_path(self, name: str, dims: tuple[str, ...], shape: tuple[int, ...] = (), **kw: Any) -> Variable:
+        """A per-path :class:`Variable`: in an ensemble it gains a ``sample`` dim (after
+        ``dynamics``, else first) with coordinate 0..K−1; deterministic dynamics repeat their value
+        along it."""
+        if self.samples <= 1:
+            return Variable(name, dims, shape=shape, **kw)
+        dims = ("dynamics", "sample", *dims[1:]) if dims[0] == "dynamics" else ("sample", *dims)
+        coords = {**kw.pop("coords", {}), "sample": np.arange(self.samples)}
+        return Variable(name, dims, shape=(self.samples, *shape), coords=coords, **kw)
 
     @property
     def n_dynamics(self) -> int:
@@ -289,7 +301,7 @@ class LossRecorder(Recorder):
     batch loss of the update taken there, for flows the full-batch loss they integrate."""
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("loss", ("dynamics", "time"), attrs={"long_name": "loss at θ(t)"})]
+        return [ctx.per_path("loss", ("dynamics", "time"), attrs={"long_name": "loss at θ(t)"})]
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.loss is not None:
@@ -303,12 +315,18 @@ class FullLossRecorder(Recorder):
         self.problem = ctx.problem
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("full_loss", ("dynamics", "time"), attrs={"long_name": "full-batch loss at θ(t)"})]
+        return [ctx.per_path("full_loss", ("dynamics", "time"), attrs={"long_name": "full-batch loss at θ(t)"})]
 
     def record(self, rows: Rows, point: Point) -> None:
         value = point.full_loss
         if value is None:
-            value = self.problem.full_loss(point.theta)
+            theta = point.theta
+            if theta.dim() == 1:
+                value = self.problem.full_loss(theta)
+            else:
+                from .stochastic.ensemble import full_losses
+
+                value = full_losses(self.problem, theta)
         rows.put("full_loss", point.index, value)
 
 
@@ -316,13 +334,14 @@ class DistanceRecorder(Recorder):
     """``distance`` (dynamics, time) = |θ_dynamics(t) − θ_sgd(t)|."""
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("distance", ("dynamics", "time"), attrs={"long_name": "|θ(t) − θ_sgd(t)|"})]
+        return [ctx.per_path("distance", ("dynamics", "time"), attrs={
+            "long_name": "|θ(t) − θ_sgd(t)|", "ensemble": "sample s: against SGD replica s"})]
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.reference is None or point.reference is point.theta:
             rows.put("distance", point.index, 0.0)
         else:
-            rows.put("distance", point.index, torch.linalg.vector_norm(point.theta - point.reference))
+            rows.put("distance", point.index, torch.linalg.vector_norm(point.theta - point.reference, dim=-1))
 
 
 class ProjectionRecorder(Recorder):
@@ -335,7 +354,7 @@ class ProjectionRecorder(Recorder):
         self.count, self.seed, self.ring_bytes = count, seed, ring_bytes
 
     def variables(self, ctx: RunContext) -> list[Variable]:
-        return [Variable("projection", ("dynamics", "time", "proj"), shape=(self.count,),
+        return [ctx.per_path("projection", ("dynamics", "time", "proj"), shape=(self.count,),
                          coords={"proj": np.arange(self.count)},
                          attrs={"long_name": "⟨r_i, θ(t)⟩, r_i ~ N(0, I/m) seeded by study.seed"})]
 
@@ -351,6 +370,9 @@ class ProjectionRecorder(Recorder):
         self.pending: list[tuple[int, int]] = []
 
     def record(self, rows: Rows, point: Point) -> None:
+        if point.theta.dim() == 2:  # K replicas: project them now
+            rows.put("projection", point.index, (point.theta @ self.R.T).to(rows.data["projection"].dtype))
+            return
         self.ring[len(self.pending)] = point.theta
         self.pending.append((point.index, rows.row))
         if len(self.pending) == self.ring.shape[0]:
@@ -366,7 +388,9 @@ class ProjectionRecorder(Recorder):
         values = (self.ring[:n] @ self.R.T).T  # (count, n)
         idx_m = torch.tensor([m for m, _ in self.pending], device=values.device)
         idx_r = torch.tensor([r for _, r in self.pending], device=values.device)
-        rows.data["projection"][idx_m, idx_r] = values.T.to(rows.data["projection"].dtype)
+        out = rows.data["projection"]
+        vals = values.T.to(out.dtype)
+        out[idx_m, idx_r] = vals.unsqueeze(1) if out.dim() == 4 else vals  # (dynamics, time, sample, proj) in an ensemble
         self.pending.clear()
 
 
@@ -375,7 +399,7 @@ class SnapshotRecorder(Recorder):
 
     def variables(self, ctx: RunContext) -> list[Variable]:
         dt = np.float32 if ctx.problem.dtype == torch.float32 else np.float64
-        return [Variable("theta", ("dynamics", "snapshot", "param"), dtype=dt, shape=(ctx.problem.dim,),
+        return [ctx.per_path("theta", ("dynamics", "snapshot", "param"), dtype=dt, shape=(ctx.problem.dim,),
                          attrs={"long_name": "θ at the snapshot times", "layout": "see the Dataset's param_layout attribute"})]
 
     def snapshot(self, rows: Rows, point: Point) -> None:

@@ -126,14 +126,26 @@ class Run:
             raise FlowlabError("flows given as objects need the flows part, which this flowlab does not have")
         contribution = self.parts.contribute(Setup(study, self.built, self.flows))
         followers = contribution.dynamics
-        sgd = DiscreteSGD(problem, opt, self.built.lrs, study.study.seed)
+        from .stochastic.ensemble_config import ensemble_size
+
+        samples = ensemble_size(study)
+        if samples > 1:
+            from .stochastic.ensemble import ReplicaSGD
+
+            sgd = ReplicaSGD(problem, opt, self.built.lrs, study.study.seed, samples,
+                             study.sections["ensemble"].vectorise)
+        else:
+            sgd = DiscreteSGD(problem, opt, self.built.lrs, study.study.seed)
         labels = [sgd.label] + [f.label for f in followers]
         for label in labels[1:]:
             if label == sgd.label or labels.count(label) > 1:
                 raise ConfigError("flows.label", label, "labels must be unique and not 'sgd' (give each flow a label)")
         clock = Clock.of_run(self.built.lrs, rec.every, rec.snapshot_every)
         ctx = RunContext(study, problem, labels, opt.steps, clock.record, clock.times[clock.record], clock.snapshot,
-                         self.built.lrs)
+                         self.built.lrs, samples)
+        self._seeds = {"study": study.study.seed,
+                       "sgd": getattr(sgd, "seeds", [study.study.seed]),
+                       **{f.label: f.seed for f in followers if getattr(f, "seed", None) is not None}}
         recorders = self._recorders(contribution)
         variables: list[Variable] = []
         for r in recorders:
@@ -146,7 +158,12 @@ class Run:
             r.start(ctx)
 
         self.out.mkdir(parents=True, exist_ok=True)
-        writer = TrajectoryWriter(self.out / STORE_NAME, variables, labels, self._attrs(), rec.chunk, self.overwrite)
+        attrs = self._attrs()
+        attrs["seeds"] = json.dumps(self._seeds)
+        attrs["seeds_note"] = ("every random stream's seed, derived from study.seed (flowlab.seeds.derive_seed): "
+                               "sgd replicas' batch orders, each stochastic flow's paths")
+        attrs["ensemble_size"] = samples
+        writer = TrajectoryWriter(self.out / STORE_NAME, variables, labels, attrs, rec.chunk, self.overwrite)
         (self.out / "study.json").write_text(json.dumps(study.to_dict(), indent=2) + "\n")
         recording = Recording(variables, len(labels), rec.chunk, problem.device,
                               problem.dim * problem.theta0.element_size(), sink=writer)

@@ -86,6 +86,7 @@ class FlowFollower:
         self.status = "running"
         self.wall_seconds = 0.0
         self.seed: int | None = None  # a stochastic flow's path seed
+        self.samples = 1  # paths integrated at once (an ensemble's K)
         self.session: Any = None
         self.flow_time = 0.0
         self._nfe_before = 0
@@ -134,9 +135,28 @@ class FlowFollower:
             out = cls(flow, integrator, built.problem, built.lrs, weight_decay=opt.weight_decay,
                       momentum=opt.momentum, label=label, batch_size=hp0.batch_size, sampling=opt.sampling)
             out.seed = seed
+            if seed is not None:
+                out.replicate(built.study, section)
             return out
         except ConfigError as exc:
             raise exc if exc.field.startswith(section) else exc.within(section) from None
+
+    def replicate(self, study: Any, section: str = "flows") -> None:
+        """In an ensemble (``[ensemble] size = K``), integrate K paths of this stochastic flow at once:
+        θ of shape (K, m), the ops vectorised over the paths
+        (:class:`~flowlab.stochastic.ensemble.EnsembleOps`)."""
+        from ..stochastic.ensemble_config import ensemble_size
+
+        K = ensemble_size(study)
+        if K <= 1:
+            return
+        if getattr(self.integrator, "backend", "torch") != "torch":
+            raise ConfigError(f"{section}.integrator", self.integrator.name, "an ensemble of stochastic paths "
+                              "runs on torch: use flowlab:euler_maruyama (diffrax samples: flowlab.jaxbackend)")
+        from ..stochastic.ensemble import EnsembleOps
+
+        self.samples = K
+        self.ops = EnsembleOps(self.problem, study.sections["ensemble"].vectorise)
 
     # ------------------------------------------------------------------ counts
     def hyper(self, lr: float) -> Hyper:
@@ -171,7 +191,10 @@ class FlowFollower:
     def _initial(self) -> tuple:
         if self._state0 is None:
             with torch.no_grad():
-                self._state0 = tuple(self.flow.initial_state(self.problem.theta0.clone(), self.ops, self._hp(0.0)))
+                theta0 = self.problem.theta0.clone()
+                if self.samples > 1:
+                    theta0 = theta0.expand(self.samples, -1).clone()
+                self._state0 = tuple(self.flow.initial_state(theta0, self.ops, self._hp(0.0)))
         return self._state0
 
     def _restart(self, t0: float, state: tuple) -> None:
@@ -214,7 +237,7 @@ class FlowFollower:
         loss = None
         if self.with_loss:
             with torch.no_grad():
-                loss = self.problem.full_loss(theta)
+                loss = self.problem.full_loss(theta) if theta.dim() == 1 else self.ops.loss(theta)
         get_velocity = getattr(self.flow, "velocity", None)
         v = get_velocity(state) if get_velocity is not None else (state[1] if self.flow.state_size > 1 else None)
         velocity = self.integrator.to_torch(v, like) if v is not None else None

@@ -69,16 +69,16 @@ class SymmetryRecorder(Recorder):
         skipped = json.dumps([{"layer": s.layer, "kind": s.kind, "reason": s.reason} for s in self.groups.skipped])
         tg = ("time", "symmetry_group")
         out = [
-            Variable("quantity", ("dynamics", *tg), shape=(G,), coords={"symmetry_group": np.arange(G)},
+            ctx.per_path("quantity", ("dynamics", *tg), shape=(G,), coords={"symmetry_group": np.arange(G)},
                      dim_coords=self._coords(ctx),
                      attrs={"long_name": "conserved quantity per symmetry group",
                             "formula": "translation <θ_A,1>; scale |θ_A|^2; rescale |θ_A1|^2 - |θ_A2|^2 (A1 incoming)",
                             "skipped": skipped}),
-            Variable("drift", ("dynamics", *tg), shape=(G,), attrs={"long_name": "Q(t) - Q(0)"}),
-            Variable("grad_term", tg, shape=(G,),
+            ctx.per_path("drift", ("dynamics", *tg), shape=(G,), attrs={"long_name": "Q(t) - Q(0)"}),
+            ctx.per_path("grad_term", tg, shape=(G,),
                      attrs={"long_name": "gradient term of the update taken at this row",
                             "formula": "0 | |g_A|^2 | |g_A1|^2 - |g_A2|^2 (applied batch gradient, no weight decay)"}),
-            Variable("grad_term_acc", tg, shape=(G,),
+            ctx.per_path("grad_term_acc", tg, shape=(G,),
                      attrs={"long_name": "accumulated gradient term before this row's update",
                             "formula": "A_0 = 0; A_{k+1} = (1 - lr_k wd)^2 A_k + lr_k^2 grad_term_k (every step)"}),
             Variable("weight_decay_factor", ("time",),
@@ -87,16 +87,17 @@ class SymmetryRecorder(Recorder):
         ]
         if self.momentum:
             out += [
-                Variable("momentum_P", tg, shape=(G,), attrs={"long_name": "<θ_A, v_A> (rescale: A1 - A2); NaN for translation"}),
-                Variable("momentum_V", tg, shape=(G,), attrs={"long_name": "|v_A|^2 (rescale: A1 - A2); NaN for translation"}),
-                Variable("momentum_U", tg, shape=(G,), attrs={"long_name": "<v_A, 1> for translation; NaN elsewhere"}),
+                ctx.per_path("momentum_P", tg, shape=(G,), attrs={"long_name": "<θ_A, v_A> (rescale: A1 - A2); NaN for translation"}),
+                ctx.per_path("momentum_V", tg, shape=(G,), attrs={"long_name": "|v_A|^2 (rescale: A1 - A2); NaN for translation"}),
+                ctx.per_path("momentum_U", tg, shape=(G,), attrs={"long_name": "<v_A, 1> for translation; NaN elsewhere"}),
             ]
         return out
 
     def start(self, ctx: RunContext) -> None:
         dev = self.projector.device
         self.wd = float(ctx.study.optimizer.weight_decay)
-        self.A = torch.zeros(len(self.groups), dtype=torch.float64, device=dev)
+        lead = (ctx.samples,) if ctx.samples > 1 else ()
+        self.A = torch.zeros(*lead, len(self.groups), dtype=torch.float64, device=dev)
         self.decay = 1.0
         self.Q0: dict[int, torch.Tensor] = {}
         self._cached: tuple[int, torch.Tensor] | None = None
@@ -105,7 +106,7 @@ class SymmetryRecorder(Recorder):
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         self._nan_on_translation = torch.where(t, nan, zero)
         self._nan_off_translation = torch.where(t, zero, nan)
-        self._zeros = torch.zeros(self.projector.m, dtype=torch.float64, device=dev)
+        self._zeros = torch.zeros(*lead, self.projector.m, dtype=torch.float64, device=dev)
 
     def record(self, rows: Rows, point: Point) -> None:
         proj = self.projector

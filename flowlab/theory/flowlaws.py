@@ -221,8 +221,9 @@ class FlowLaws:
     """The theory part's ``laws`` service: composes each flow that states a law with it
     (:class:`LawFlow`), for the groups of the run's symmetry recorder."""
 
-    def __init__(self, groups, projector, theta0: torch.Tensor):
+    def __init__(self, groups, projector, theta0: torch.Tensor, problem: Any = None):
         self.forms = QuadForms(groups)
+        self.projector, self.problem = projector, problem
         self.q0 = projector.quantities(theta0).cpu()
         self.composed: list[str] = []  # labels of the flows composed with their law
 
@@ -232,4 +233,8 @@ class FlowLaws:
         if law is None or law(hp0) is None:
             return flow
         self.composed.append(label or str(getattr(flow, "name", flow)))
+        if getattr(flow, "stochastic", False):  # the Itô law, stepped with the path
+            from flowlab.stochastic.laws import StochasticLawFlow
+
+            return StochasticLawFlow(flow, self.forms, self.projector, self.q0, hp0, self.problem)
         return LawFlow(flow, self.forms, self.q0, hp0)

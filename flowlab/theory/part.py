@@ -21,7 +21,7 @@ def setup(setup: Setup, symmetry: SymmetryRecorder) -> Contribution | None:
     recorders = [TheoryRecorder(symmetry, section.variants)]
     provides = {}
     if section.flow_laws:
-        laws = FlowLaws(symmetry.groups, symmetry.projector, setup.problem.theta0)
+        laws = FlowLaws(symmetry.groups, symmetry.projector, setup.problem.theta0, setup.problem)
         recorders.append(FlowLawRecorder(laws))
         provides["laws"] = laws
     return Contribution(recorders=recorders, provides=provides)

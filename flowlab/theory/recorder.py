@@ -46,18 +46,20 @@ class TheoryRecorder(Recorder):
             notes["exact_discrete"] = "NaN: Nesterov momentum has no closed two-scalar recursion"
         if opt.momentum > 0 and opt.dampening > 0:
             notes["oscillator"] = "assumes dampening 0 (the official code's model)"
-        return [Variable("theory", ("variant", "time", "symmetry_group"), shape=(len(self.variants), G),
-                         coords={"variant": np.array(self.variants, dtype=object)}, attrs=notes)]
+        return [ctx.per_path("theory", ("variant", "time", "symmetry_group"), shape=(len(self.variants), G),
+                             coords={"variant": np.array(self.variants, dtype=object)}, attrs=notes)]
 
     def start(self, ctx: RunContext) -> None:
         opt = ctx.study.optimizer
         proj = self.sym.projector
         q0 = proj.quantities(ctx.problem.theta0)
         kinds = proj.is_translation.logical_not().to(torch.int64)  # 0 translation, 1 otherwise
-        self.predictor = Predictor(kinds, q0, opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov,
-                                   self.variants)
+        self.samples = ctx.samples
+        self.predictors = [Predictor(kinds, q0, opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov,
+                                     self.variants) for _ in range(self.samples)]
         n = len(self.sym.groups)
-        self.G = torch.zeros(self.capacity, n, dtype=torch.float64, device=proj.device)
+        lead = (self.samples,) if self.samples > 1 else ()
+        self.G = torch.zeros(self.capacity, *lead, n, dtype=torch.float64, device=proj.device)
         self.W = torch.zeros_like(self.G) if self.momentum else None
         self.etas: list[float] = []
         self.marks: list[tuple[int, int]] = []  # (row in the current chunk, updates buffered before it)
@@ -80,13 +82,27 @@ class TheoryRecorder(Recorder):
         done = 0
         for row, upto in self.marks:
             if upto > done:
-                self.predictor.advance(self.etas[done:upto], G[done:upto], None if W is None else W[done:upto])
+                self._advance(done, upto, G, W)
                 done = upto
-            rows.put_at("theory", None, row, torch.from_numpy(self.predictor.predict_numpy()))
+            pred = [p.predict_numpy() for p in self.predictors]
+            rows.put_at("theory", None, row, torch.from_numpy(pred[0] if self.samples == 1 else np.stack(pred)))
         if n > done:
-            self.predictor.advance(self.etas[done:n], G[done:n], None if W is None else W[done:n])
+            self._advance(done, n, G, W)
         self.marks.clear()
         self.etas.clear()
+
+    def _advance(self, a: int, b: int, G, W) -> None:
+        etas = self.etas[a:b]
+        if self.samples == 1:
+            self.predictors[0].advance(etas, G[a:b], None if W is None else W[a:b])
+            return
+        for s, p in enumerate(self.predictors):
+            p.advance(etas, G[a:b, s], None if W is None else W[a:b, s])
+
+    @property
+    def predictor(self) -> Predictor:
+        """The (first replica's) predictor."""
+        return self.predictors[0]
 
     def before_flush(self, rows: Rows) -> None:
         self._drain(rows)
@@ -108,7 +124,7 @@ class FlowLawRecorder(Recorder):
     def variables(self, ctx: RunContext) -> list[Variable]:
         if not self.laws.composed:
             return []
-        return [Variable("flow_law", ("dynamics", "time", "symmetry_group"), shape=(self.laws.forms.G,), attrs={
+        return [ctx.per_path("flow_law", ("dynamics", "time", "symmetry_group"), shape=(self.laws.forms.G,), attrs={
             "long_name": "quantity predicted by each flow's own law along its trajectory (flowlab.theory.flowlaws)",
             "flows": ", ".join(self.laws.composed)})]
 

@@ -1,0 +1,262 @@
+"""Ensembles: K independent replicas of every stochastic dynamics of a run, in one process.
+
+``[ensemble] size = K`` runs SGD with K batch orders (:class:`ReplicaSGD`: each replica is still
+exactly ``torch.optim.SGD``'s update rule), K Brownian paths per SDE flow and K SVAG runs; the
+deterministic flows run once.  A replicated dynamics carries θ of shape (K, m); every per-path
+variable of the Dataset gains a ``sample`` dim (deterministic dynamics repeat their value along it).
+
+Vectorisation: with ``vectorise = "auto"`` (or true) the K replicas' gradients are one
+``torch.func.vmap`` call over a functional version of the model (:class:`EnsembleOps`); without it
+(or where the model refuses vmap) a loop over the replicas on the module itself.  Replica s of SGD
+draws its batches from ``derive_seed(study.seed, "sgd", s)`` (replica 0 = the single run's seed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..problem import pure_batchnorm
+from ..seeds import derive_seed
+from ..sgd import BatchSampler
+
+
+def _functional(problem: Any):
+    names = problem.layout.names
+
+    def f(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        params = problem.layout.unflatten(theta)
+        with pure_batchnorm(problem.module):
+            return torch.func.functional_call(problem.module, {n: params[n] for n in names}, (x,))
+
+    return f
+
+
+def full_losses(problem: Any, thetas: torch.Tensor) -> torch.Tensor:
+    """L(θ_k) for K states (K,), vectorised (a loop where vmap fails)."""
+    f = _functional(problem)
+    try:
+        with torch.no_grad():
+            total = None
+            for (x, y), w in problem.chunks():
+                val = torch.func.vmap(lambda th: problem.loss_fn(f(th, x), y))(thetas) * w
+                total = val if total is None else total + val
+            return total
+    except (RuntimeError, NotImplementedError, ValueError):
+        return torch.stack([problem.full_loss(t) for t in thetas])
+
+
+class VectoriseWarning(UserWarning):
+    """torch.func.vmap failed on this model: the ensemble loops over its replicas."""
+
+
+class EnsembleOps:
+    """The ops of :mod:`flowlab.flows.base` on K states at once: θ (K, m) → losses (K,), gradients
+    (K, m); plus ``weighted_loss_grad(θ (K,m), w (K,N))`` and ``batch_grads(θ (K,m), idx (K,J,B))``
+    for the stochastic models.  Vectorised by ``torch.func.vmap`` (``vectorise`` True/"auto"), else
+    a loop over the states with the single-state ops."""
+
+    backend = "torch"
+
+    def __init__(self, problem: Any, vectorise: Any = "auto"):
+        from ..flows.torch_ops import TorchOps
+
+        self.problem = problem
+        self.single = TorchOps(problem)
+        self.vectorise = vectorise
+        self.counts = self.single.counts
+        self._f = _functional(problem)
+
+    @property
+    def n(self) -> int:
+        return self.problem.n
+
+    def _try(self, vmapped, looped):
+        if self.vectorise is False:
+            return looped()
+        try:
+            with torch.enable_grad():
+                return vmapped()
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            if self.vectorise is True:
+                raise
+            warnings.warn(f"torch.func.vmap failed on this model ({str(exc).splitlines()[0]}); the ensemble "
+                          "loops over its replicas", VectoriseWarning, stacklevel=3)
+            self.vectorise = False
+            return looped()
+
+    def _batch_loss(self, theta, x, y):
+        return self.problem.loss_fn(self._f(theta, x), y)
+
+    # ----------------------------------------------------------------- full batch
+    def loss_and_grad(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.counts["grad"] += thetas.shape[0]
+
+        def vm():
+            total = grad = None
+            for (x, y), w in self.problem.chunks():
+                g, loss = torch.func.vmap(torch.func.grad_and_value(self._batch_loss), in_dims=(0, None, None))(thetas, x, y)
+                total = loss * w if total is None else total + loss * w
+                grad = g * w if grad is None else grad.add_(g, alpha=w)
+            return total.detach(), grad.detach()
+
+        def lp():
+            out = [self.problem.full_loss_and_grad(t) for t in thetas]
+            return torch.stack([o[0] for o in out]), torch.stack([o[1].clone() for o in out])
+
+        return self._try(vm, lp)
+
+    def grad(self, thetas):
+        return self.loss_and_grad(thetas)[1]
+
+    def loss(self, thetas: torch.Tensor) -> torch.Tensor:
+        self.counts["loss"] += thetas.shape[0]
+        with torch.no_grad():
+            def vm():
+                total = None
+                for (x, y), w in self.problem.chunks():
+                    val = torch.func.vmap(self._batch_loss, in_dims=(0, None, None))(thetas, x, y) * w
+                    total = val if total is None else total + val
+                return total.detach()
+
+            return self._try(vm, lambda: torch.stack([self.problem.full_loss(t) for t in thetas]))
+
+    def hvp(self, thetas: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        self.counts["hvp"] += thetas.shape[0]
+
+        def vm():
+            total = None
+            for (x, y), w in self.problem.chunks():
+                def one(theta, v):
+                    g = torch.func.grad(lambda th: self._batch_loss(th, x, y))
+                    return torch.func.jvp(g, (theta,), (v,))[1]
+
+                hv = torch.func.vmap(one)(thetas, vs) * w
+                total = hv if total is None else total + hv
+            return total.detach()
+
+        return self._try(vm, lambda: torch.stack([self.single.hvp(t, v) for t, v in zip(thetas, vs)]))
+
+    def d3(self, thetas: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.single.d3(t, v) for t, v in zip(thetas, vs)])
+
+    # ---------------------------------------------------------- stochastic models
+    def weighted_loss_grad(self, thetas: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .noise import batched_weighted_loss_grad, weighted_loss_grad
+
+        def lp():
+            out = [weighted_loss_grad(self.problem, t, w) for t, w in zip(thetas, ws)]
+            return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+        return self._try(lambda: batched_weighted_loss_grad(self.problem, thetas, ws), lp)
+
+    def batch_grads(self, thetas: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """∇L̂ on the batches ``idx`` (K, J, B) at θ_k: (K, J, m)."""
+        self.counts["grad"] += idx.shape[0] * idx.shape[1]
+        X, Y = self.problem.X, self.problem.y
+
+        def vm():
+            def per_path(theta, ix):
+                return torch.func.vmap(lambda i: torch.func.grad(self._batch_loss)(theta, X[i], Y[i]))(ix)
+
+            return torch.func.vmap(per_path)(thetas, idx).detach()
+
+        def lp():
+            return torch.stack([torch.stack([self.problem.grad(t, self.problem.batch(i)) for i in ix])
+                                for t, ix in zip(thetas, idx)])
+
+        return self._try(vm, lp)
+
+
+class ReplicaSGD:
+    """K replicas of the discrete run (the engine's ``Discrete`` protocol with θ of shape (K, m)).
+
+    Replica s draws its batches from its own :class:`~flowlab.sgd.BatchSampler`, seeded
+    ``derive_seed(seed, "sgd", s)``; the update is torch.optim.SGD's arithmetic applied to the
+    (K, m) block (elementwise, so replica s is bitwise the single run with the same batches and
+    gradients).  Gradients: one vmapped call over the replicas (``vectorise``), else a loop on the
+    module (then each replica's gradient is bitwise the single run's)."""
+
+    label = "sgd"
+
+    def __init__(self, problem: Any, opt: Any, lrs: Any, seed: int, size: int, vectorise: Any = "auto"):
+        self.problem, self.size = problem, int(size)
+        self.lrs = np.asarray(lrs, dtype=np.float64)
+        self.wd, self.beta, self.damp, self.nesterov = opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov
+        self.seeds = [derive_seed(seed, "sgd", s) for s in range(self.size)]
+        self.samplers = [BatchSampler(problem.n, opt.batch_size, s, opt.drop_last, problem.device, opt.sampling)
+                         for s in self.seeds]
+        self.theta = problem.theta0.detach().clone().expand(self.size, -1).contiguous()
+        self._d = torch.empty_like(self.theta)
+        self.buf: torch.Tensor | None = None
+        self.step = 0
+        self.loss: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+        self.batch: Any = None
+        self.n_grad_evals = 0
+        self.vectorise = vectorise
+        self._f = _functional(problem)
+        self._own_grad: torch.Tensor | None = None
+
+    def _vmapped(self, idx: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        X = torch.stack([self.problem.X[i] for i in idx])
+        Y = torch.stack([self.problem.y[i] for i in idx])
+        loss_fn = self.problem.loss_fn
+
+        def one(theta, x, y):
+            return loss_fn(self._f(theta, x), y)
+
+        with torch.enable_grad():
+            g, loss = torch.func.vmap(torch.func.grad_and_value(one))(self.theta, X, Y)
+        return loss.detach(), g.detach()
+
+    def _looped(self, idx: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, grads = [], torch.empty_like(self.theta)
+        for s, i in enumerate(idx):
+            loss, g = self.problem.loss_and_grad_(self.theta[s], self.problem.batch(i), update_stats=True)
+            losses.append(loss)
+            grads[s].copy_(g)
+        return torch.stack(losses), grads
+
+    def evaluate(self) -> None:
+        idx = [s.next() for s in self.samplers]
+        self.batch = idx
+        full = idx[0] is None
+        if self.vectorise is not False and not full:
+            try:
+                self.loss, self.grad = self._vmapped(idx)
+            except (RuntimeError, NotImplementedError, ValueError) as exc:
+                if self.vectorise is True:
+                    raise
+                warnings.warn(f"torch.func.vmap failed on this model ({str(exc).splitlines()[0]}); the ensemble "
+                              "loops over its replicas", VectoriseWarning, stacklevel=2)
+                self.vectorise = False
+                self.loss, self.grad = self._looped(idx)
+        else:
+            self.loss, self.grad = self._looped(idx)
+        self.n_grad_evals += 1
+
+    def keep_grad(self) -> None:
+        pass  # the gradients are this object's own tensors
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """θ_{k+1} = θ_k − η_k d_k for every replica (torch.optim.SGD's arithmetic, elementwise)."""
+        lr = float(self.lrs[self.step])
+        d = self.grad
+        if self.wd != 0:
+            d = torch.add(d, self.theta, alpha=self.wd, out=self._d)
+        if self.beta != 0:
+            if self.buf is None:
+                self.buf = d.detach().clone()
+            else:
+                self.buf.mul_(self.beta).add_(d, alpha=1 - self.damp)
+            if self.nesterov:
+                d = torch.add(d, self.buf, alpha=self.beta, out=self._d)
+            else:
+                d = self.buf
+        self.theta.add_(d, alpha=-lr)
+        self.step += 1
