@@ -132,8 +132,8 @@ class Run:
         if samples > 1:
             from .stochastic.ensemble import ReplicaSGD
 
-            sgd = ReplicaSGD(problem, opt, self.built.lrs, study.study.seed, samples,
-                             study.sections["ensemble"].vectorise)
+            ens = study.sections["ensemble"]
+            sgd = ReplicaSGD(problem, opt, self.built.lrs, study.study.seed, samples, ens.vectorise, ens.streams)
         else:
             sgd = DiscreteSGD(problem, opt, self.built.lrs, study.study.seed)
         labels = [sgd.label] + [f.label for f in followers]
@@ -145,6 +145,7 @@ class Run:
                          self.built.lrs, samples)
         self._seeds = {"study": study.study.seed,
                        "sgd": getattr(sgd, "seeds", [study.study.seed]),
+                       "sgd_streams": getattr(sgd, "streams", "single"),
                        **{f.label: f.seed for f in followers if getattr(f, "seed", None) is not None}}
         recorders = self._recorders(contribution)
         variables: list[Variable] = []

@@ -25,7 +25,6 @@ from .config import OptimizerSection
 from .errors import ConfigError
 from .problem import Batch, Problem
 
-
 SAMPLING = ("reshuffle", "with_replacement", "without_replacement")
 
 

@@ -19,7 +19,7 @@ def _demo_parts() -> Parts:
 
 def test_builtin_parts_and_their_order():
     parts = flowlab.discover([])
-    assert [p.name for p in parts] == ["core", "symmetry", "theory", "flows", "jax"]
+    assert [p.name for p in parts] == ["core", "symmetry", "theory", "flows", "jax", "stochastic"]
     order = [p.name for p in parts.order]
     # the theory needs the symmetry recorder, the flows want the theory's laws, the JAX part needs the followers
     assert order.index("symmetry") < order.index("theory") < order.index("flows") < order.index("jax")

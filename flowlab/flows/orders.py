@@ -273,12 +273,37 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, help=f"starting rtol of the reference solutions (default {REFERENCE_RTOL:g})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a study key")
     p.add_argument("--out", help="output folder (default runs/<study>-orders); writes orders.nc")
+    w = p.add_argument_group("weak errors (stochastic models against SGD over ensembles)")
+    w.add_argument("--weak", action="store_true", help="measure weak errors |E φ(θ_SGD(T)) − E φ(Θ(T))| of the "
+                   "study's [[flows]] over ensembles (flowlab.stochastic.weak); writes weak.nc")
+    w.add_argument("--samples", type=int, help="replicas K per ensemble (default: the study's [ensemble] size)")
+    w.add_argument("--fine", type=int, default=1, help="SDE steps per SGD step (dt = η/fine; default 1)")
+    w.add_argument("--extrapolate", action="store_true", help="Talay–Tubaro extrapolation 2E[X^{h/2}] − E[X^h]")
+
+
+def _weak(args: argparse.Namespace, study: Study) -> int:
+    import sys
+
+    from ..stochastic.weak import format_weak, measure_weak
+
+    lrs = _floats(args.lr, "--lr")
+    ds = measure_weak(study, lrs, args.horizon, samples=args.samples, fine=args.fine, extrapolate=args.extrapolate,
+                      log=lambda m: print(m, file=sys.stderr))
+    out = Path(args.out) if args.out else Path("runs") / f"{study.name}-weak"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "weak.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    print(format_weak(ds))
+    print(f"written to {path}")
+    return 0
 
 
 def _handler(args: argparse.Namespace) -> int:
     import sys
 
     study = load_study(args.study, args.set or ())
+    if args.weak:
+        return _weak(args, study)
     lrs = _floats(args.lr, "--lr")
     flows = [f.strip() for f in args.flows.split(",") if f.strip()] if args.flows else None
     ds = measure_orders(study, lrs, args.horizon, flows=flows, momentum=args.momentum, skip=args.skip, rtol=args.rtol,

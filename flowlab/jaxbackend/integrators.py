@@ -23,6 +23,12 @@ Solvers: ``Tsit5``, ``Dopri5``, ``Dopri8``, ``Heun``, ``Euler``, ``Kvaerno5`` (i
 second-order forms; its Newton solves form the Jacobian of the field, m×m, so keep it to small
 models or pass ``linear_solver = "gmres"``), ``RK4_38`` (torchdiffeq's ``rk4``, the 3/8 rule) and
 ``RK4`` (classic, flowlab's ``flowlab:rk4``), ``Bosh3``, ``Ralston``, ``Midpoint``.
+
+Stochastic flows (``sme``, ``sme2``, ``sme_momentum`` with ``diffusion = "per_example"``):
+``diffrax:Euler`` integrates their Itô SDE by Euler–Maruyama on the grid above (dt default: the
+flow's step η), with diffrax's Brownian motion keyed from the path's seed (options ``seed`` — else
+the follower's derived seed — and ``fuse``); see :mod:`flowlab.jaxbackend.sde`.  Other solvers, and
+``diffusion = "batches"``, are refused.
 """
 
 from __future__ import annotations
@@ -139,7 +145,20 @@ class DiffraxIntegrator(Integrator):
 
         return to_torch(theta, like.device, like.dtype)
 
+    def check_flow(self, flow: Any) -> None:
+        """Refuse a flow this integrator cannot integrate (a stochastic one: anything but
+        ``diffrax:Euler`` on per-example noise), in one ConfigError line (fields relative to the flow's table)."""
+        if getattr(flow, "stochastic", False):
+            from .sde import check_stochastic
+
+            check_stochastic(flow, self.name)
+
     def start(self, flow: Any, ops: Any, hp: Any, t0: float, state: tuple) -> Any:
+        if getattr(flow, "stochastic", False):
+            self.check_flow(flow)
+            from .sde import SDESession
+
+            return SDESession(self, flow, ops, hp, float(t0), state)
         from ._diffrax import DiffraxSession
 
         return DiffraxSession(self, flow, ops, hp, float(t0), state)
@@ -153,12 +172,49 @@ class DiffraxIntegrator(Integrator):
                    if self.implicit else {})}
 
 
+class DiffraxEuler(DiffraxIntegrator):
+    """diffrax Euler: explicit Euler (fixed step only); fixed step: dt (default η).  On a stochastic
+    flow: Itô Euler–Maruyama (:mod:`flowlab.jaxbackend.sde`) with the options ``seed`` (the path's
+    Brownian seed; default: the follower's, derived from the study's seed and the flow's label) and
+    ``fuse`` (``sme``: drift and noise in one backward pass, default true)."""
+
+    solver: ClassVar[str] = "Euler"
+
+    def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
+                 max_steps: int = DEFAULT_MAX_STEPS, land: str = "auto", first_step: float | None = None,
+                 pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, safety: float = 0.9,
+                 factormin: float = 0.2, factormax: float = 10.0, dtmin: float | None = None,
+                 dtmax: float | None = None, device: str = "auto", chunk_size: int | None = None,
+                 precision: str = "highest", conv: str = "auto", linear_solver: str = "lu",
+                 root_find_max_steps: int = 10, seed: int | None = None, fuse: bool = True):
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ConfigError("integrator_options.seed", seed, "expected an integer >= 0")
+        if not isinstance(fuse, bool):
+            raise ConfigError("integrator_options.fuse", fuse, "expected true or false")
+        super().__init__(rtol=rtol, atol=atol, dt=dt, max_steps=max_steps, land=land, first_step=first_step,
+                         pcoeff=pcoeff, icoeff=icoeff, dcoeff=dcoeff, safety=safety, factormin=factormin,
+                         factormax=factormax, dtmin=dtmin, dtmax=dtmax, device=device, chunk_size=chunk_size,
+                         precision=precision, conv=conv, linear_solver=linear_solver,
+                         root_find_max_steps=root_find_max_steps)
+        self.seed, self.fuse = seed, fuse
+        self.noise: Any = None  # a stochastic path's NoiseSource (set by the follower; its seed keys the path)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.seed is not None:
+            out["seed"] = self.seed
+        if not self.fuse:
+            out["fuse"] = False
+        return out
+
+
 def _make_classes() -> dict[str, type]:
     out = {}
     for solver, (adaptive, _implicit, _land, text) in SOLVERS.items():
         how = "rtol/atol (PID) or fixed dt" if adaptive else "fixed step: dt (default η)"
         doc = f"diffrax {solver}: {text}; {how}"
-        out[f"diffrax:{solver}"] = type(f"Diffrax_{solver}", (DiffraxIntegrator,), {"solver": solver, "__doc__": doc})
+        base = DiffraxEuler if solver == "Euler" else DiffraxIntegrator
+        out[f"diffrax:{solver}"] = type(f"Diffrax_{solver}", (base,), {"solver": solver, "__doc__": doc})
     return out
 
 

@@ -41,6 +41,9 @@ class JaxOps:
     - ``loss_and_grad(theta)`` → (L, ∇L)
     - ``hvp(theta, v)`` → H(θ)v (forward-over-reverse: ``jax.jvp`` of ``jax.grad``)
     - ``d3(theta, v)`` → ∇_θ(vᵀH(θ)v) = ∇³L[v, v] (the directional derivative of H(θ)v along v)
+    - ``weighted_loss_grad(theta, w)`` → (L, ∇_θ Σ_i w_i ℓ_i) with per-example weights w ∈ R^N (the
+      per-example losses ℓ_i whose batch mean is the loss; one forward and one backward pass, as
+      :func:`flowlab.stochastic.noise.weighted_loss_grad`); ``n`` is N
 
     Each is a jit-compiled pure JAX function: call it on arrays, or trace it inside a larger jitted
     function (an integrator's step).  Given torch tensors instead (a flow's ``initial_state`` on the
@@ -51,13 +54,15 @@ class JaxOps:
     backend = "jax"
 
     def __init__(self, loss: Callable, loss_and_grad: Callable, hvp: Callable, d3: Callable, dim: int, dtype: Any,
-                 device: Any):
+                 device: Any, weighted_loss_grad: Callable | None = None, n: int | None = None):
         self._loss = jax.jit(loss)
         self._loss_and_grad = jax.jit(loss_and_grad)
         self._grad = jax.jit(lambda theta: loss_and_grad(theta)[1])
         self._hvp = jax.jit(hvp)
         self._d3 = jax.jit(d3)
+        self._weighted = jax.jit(weighted_loss_grad) if weighted_loss_grad is not None else None
         self.dim, self.dtype, self.device = dim, dtype, device
+        self.n = n
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         if not isinstance(args[0], torch.Tensor):
@@ -80,6 +85,11 @@ class JaxOps:
 
     def d3(self, theta: Any, v: Any) -> Any:
         return self._call(self._d3, theta, v)
+
+    def weighted_loss_grad(self, theta: Any, w: Any) -> tuple[Any, Any]:
+        if self._weighted is None:
+            raise NotImplementedError("these ops were built without per-example weights")
+        return self._call(self._weighted, theta, w)
 
     def __repr__(self) -> str:
         return f"JaxOps({self.dim} parameters, {jnp.dtype(self.dtype).name}, {self.device})"
@@ -154,6 +164,33 @@ class JaxProblem:
 
         return total
 
+    def _full_weighted(self, per_batch: Callable[[Batch, jax.Array], tuple[Any, Any]]) -> Callable[[jax.Array], Any]:
+        """(Σ_c w_c L_c, Σ_c G_c) for per_batch(chunk c, the weights of its examples) = (L_c, G_c): the
+        chunk losses weighted as in :meth:`_full`, the (already per-example weighted) gradients summed."""
+        Xc, yc, Xr, yr = self.X_chunks, self.y_chunks, self.X_rest, self.y_rest
+        n_full, cs, w_full, w_rest = self.n_full, self.chunk_size, self.w_full, self.w_rest
+        head = n_full * cs
+
+        def total(w):
+            wc, wr = w[:head].reshape(n_full, cs), w[head:]
+            if n_full == 1:
+                loss, g = per_batch((Xc[0], yc[0]), wc[0])
+                loss = loss * w_full if w_full != 1.0 else loss
+            else:
+                def body(carry, xs):
+                    X, y, wb = xs
+                    lb, gb = per_batch((X, y), wb)
+                    return (carry[0] + w_full * lb, carry[1] + gb), None
+
+                zero = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(per_batch, (Xc[0], yc[0]), wc[0]))
+                (loss, g), _ = lax.scan(body, zero, (Xc, yc, wc))
+            if Xr.shape[0]:
+                lr, gr = per_batch((Xr, yr), wr)
+                loss, g = loss + w_rest * lr, g + gr
+            return loss, g
+
+        return total
+
     # ------------------------------------------------------------ functions
     def _make_ops(self) -> JaxOps:
         f = self.batch_loss
@@ -179,7 +216,21 @@ class JaxProblem:
         def d3(theta, v):
             return full(lambda b: d3_b(theta, v, b))()
 
-        return JaxOps(loss, loss_and_grad, hvp, d3, self.dim, self.dtype, self.device)
+        apply, loss_fn = self.apply, self.loss_fn
+
+        def weighted_b(theta, batch, w):
+            # ∇_θ Σ_i w_i ℓ_i = the VJP of the model with the cotangent n·w_i·∂L/∂o_i (L = the batch mean)
+            X, y = batch
+            out, vjp = jax.vjp(lambda th: apply(th, X), theta)
+            value, dl = jax.value_and_grad(loss_fn)(out, y)
+            scale = (w * X.shape[0]).astype(dl.dtype).reshape((-1,) + (1,) * (dl.ndim - 1))
+            return value, vjp(dl * scale)[0]
+
+        def weighted_loss_grad(theta, w):
+            return self._full_weighted(lambda b, wb: weighted_b(theta, b, wb))(w)
+
+        return JaxOps(loss, loss_and_grad, hvp, d3, self.dim, self.dtype, self.device,
+                      weighted_loss_grad=weighted_loss_grad, n=self.n)
 
     # ------------------------------------------------------------ transfers
     def theta(self, theta: torch.Tensor | np.ndarray | jax.Array) -> jax.Array:

@@ -171,24 +171,68 @@ class EnsembleOps:
         return self._try(vm, lp)
 
 
+#: ``streams = "auto"``: one seeded sampler per replica up to this many replicas, one block beyond
+REPLICA_STREAMS_UP_TO = 4096
+
+
+class BlockSampler:
+    """The batches of K replicas from ONE seeded generator, drawn as (K, B) blocks (for ensembles
+    too large for a sampler per replica): ``with_replacement`` i.i.d. indices, ``without_replacement``
+    a fresh uniform B-subset per replica and step, ``reshuffle`` a permutation per replica and epoch."""
+
+    def __init__(self, n: int, batch_size: Any, seed: int, size: int, drop_last: bool, scheme: str):
+        self.n, self.K, self.scheme, self.drop_last = n, size, scheme, drop_last
+        self.full = batch_size in (None, "full") or (batch_size == n and scheme != "with_replacement")
+        self.B = n if batch_size in (None, "full") else int(batch_size)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._perm: torch.Tensor | None = None
+        self._pos = 0
+
+    def next(self) -> torch.Tensor | None:
+        if self.full:
+            return None
+        g, K, n, B = self.generator, self.K, self.n, self.B
+        if self.scheme == "with_replacement":
+            return torch.randint(n, (K, B), generator=g)
+        if self.scheme == "without_replacement":
+            return torch.rand(K, n, generator=g).argsort(dim=1)[:, :B]
+        limit = n - n % B if self.drop_last else n
+        if self._perm is None or self._pos >= limit:
+            self._perm = torch.rand(K, n, generator=g).argsort(dim=1)
+            self._pos = 0
+        out = self._perm[:, self._pos:min(self._pos + B, n)]
+        self._pos += B
+        return out
+
+
 class ReplicaSGD:
     """K replicas of the discrete run (the engine's ``Discrete`` protocol with θ of shape (K, m)).
 
-    Replica s draws its batches from its own :class:`~flowlab.sgd.BatchSampler`, seeded
-    ``derive_seed(seed, "sgd", s)``; the update is torch.optim.SGD's arithmetic applied to the
+    ``streams = "replica"``: replica s draws its batches from its own :class:`~flowlab.sgd.BatchSampler`,
+    seeded ``derive_seed(seed, "sgd", s)`` (replica 0 is the single run); ``"block"``: all replicas
+    from one :class:`BlockSampler` (vectorised draws; ``"auto"``: replica up to
+    :data:`REPLICA_STREAMS_UP_TO` replicas).  The update is torch.optim.SGD's arithmetic applied to the
     (K, m) block (elementwise, so replica s is bitwise the single run with the same batches and
     gradients).  Gradients: one vmapped call over the replicas (``vectorise``), else a loop on the
     module (then each replica's gradient is bitwise the single run's)."""
 
     label = "sgd"
 
-    def __init__(self, problem: Any, opt: Any, lrs: Any, seed: int, size: int, vectorise: Any = "auto"):
+    def __init__(self, problem: Any, opt: Any, lrs: Any, seed: int, size: int, vectorise: Any = "auto",
+                 streams: str = "auto"):
         self.problem, self.size = problem, int(size)
         self.lrs = np.asarray(lrs, dtype=np.float64)
         self.wd, self.beta, self.damp, self.nesterov = opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov
-        self.seeds = [derive_seed(seed, "sgd", s) for s in range(self.size)]
-        self.samplers = [BatchSampler(problem.n, opt.batch_size, s, opt.drop_last, problem.device, opt.sampling)
-                         for s in self.seeds]
+        if streams == "auto":
+            streams = "replica" if self.size <= REPLICA_STREAMS_UP_TO else "block"
+        self.streams = streams
+        if streams == "replica":
+            self.seeds = [derive_seed(seed, "sgd", s) for s in range(self.size)]
+            self.samplers = [BatchSampler(problem.n, opt.batch_size, s, opt.drop_last, problem.device, opt.sampling)
+                             for s in self.seeds]
+        else:
+            self.seeds = [derive_seed(seed, "sgd-block")]
+            self.block = BlockSampler(problem.n, opt.batch_size, self.seeds[0], self.size, opt.drop_last, opt.sampling)
         self.theta = problem.theta0.detach().clone().expand(self.size, -1).contiguous()
         self._d = torch.empty_like(self.theta)
         self.buf: torch.Tensor | None = None
@@ -201,9 +245,9 @@ class ReplicaSGD:
         self._f = _functional(problem)
         self._own_grad: torch.Tensor | None = None
 
-    def _vmapped(self, idx: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        X = torch.stack([self.problem.X[i] for i in idx])
-        Y = torch.stack([self.problem.y[i] for i in idx])
+    def _vmapped(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.problem.X.device)
+        X, Y = self.problem.X[idx], self.problem.y[idx]
         loss_fn = self.problem.loss_fn
 
         def one(theta, x, y):
@@ -213,7 +257,9 @@ class ReplicaSGD:
             g, loss = torch.func.vmap(torch.func.grad_and_value(one))(self.theta, X, Y)
         return loss.detach(), g.detach()
 
-    def _looped(self, idx: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _looped(self, idx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if idx is None:
+            idx = [None] * self.size
         losses, grads = [], torch.empty_like(self.theta)
         for s, i in enumerate(idx):
             loss, g = self.problem.loss_and_grad_(self.theta[s], self.problem.batch(i), update_stats=True)
@@ -222,9 +268,14 @@ class ReplicaSGD:
         return torch.stack(losses), grads
 
     def evaluate(self) -> None:
-        idx = [s.next() for s in self.samplers]
+        if self.streams == "replica":
+            idx = [s.next() for s in self.samplers]
+            full = idx[0] is None
+            idx = None if full else torch.stack(idx)
+        else:
+            idx = self.block.next()
+            full = idx is None
         self.batch = idx
-        full = idx[0] is None
         if self.vectorise is not False and not full:
             try:
                 self.loss, self.grad = self._vmapped(idx)

@@ -4,6 +4,8 @@
 [ensemble]
 size = 64            # K replicas of every stochastic dynamics (SGD's batch orders, SDE paths, SVAG runs)
 vectorise = "auto"   # torch.func.vmap over the replicas where the model allows ("auto" | true | false)
+streams = "auto"     # SGD's batches: "replica" (a seeded sampler per replica; replica 0 = the single run),
+                     # "block" (one generator, (K, B) draws: for very large K), "auto" (replica up to 4096)
 ```
 """
 
@@ -23,6 +25,10 @@ def _size(v: Any) -> str | None:
     return "expected an integer >= 1 (replicas)"
 
 
+def _streams(v: Any) -> str | None:
+    return None if v in ("auto", "replica", "block") else "allowed: \"auto\", \"replica\", \"block\""
+
+
 def _vectorise(v: Any) -> str | None:
     return None if v in ("auto", True, False) else "allowed: \"auto\", true, false"
 
@@ -31,9 +37,10 @@ def _vectorise(v: Any) -> str | None:
 class EnsembleSection:
     size: int = 1
     vectorise: Any = "auto"
+    streams: str = "auto"
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "vectorise": self.vectorise}
+        return {"size": self.size, "vectorise": self.vectorise, "streams": self.streams}
 
 
 def parse_ensemble(raw: Any) -> EnsembleSection | None:
@@ -42,10 +49,10 @@ def parse_ensemble(raw: Any) -> EnsembleSection | None:
     if not isinstance(raw, Mapping):
         raise ConfigError("ensemble", raw, "expected a table ([ensemble])")
     raw = dict(raw)
-    kwargs = pop_checked(raw, {"size": _size, "vectorise": _vectorise}, "ensemble")
+    kwargs = pop_checked(raw, {"size": _size, "vectorise": _vectorise, "streams": _streams}, "ensemble")
     if raw:
         key = next(iter(raw))
-        raise ConfigError(f"ensemble.{key}", raw[key], "unknown key; allowed: size, vectorise")
+        raise ConfigError(f"ensemble.{key}", raw[key], "unknown key; allowed: size, vectorise, streams")
     return EnsembleSection(**kwargs)
 
 
