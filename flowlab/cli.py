@@ -119,8 +119,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     ds = open_result(args.result, load=True)
     console = _console()
+    ensemble = None
+    if "sample" in ds.dims:  # an ensemble: the per-run tables show the mean over replicas
+        ensemble, ds = ds, ds.mean("sample", keep_attrs=True)
+        console.print(f"ensemble of {ensemble.sizes['sample']} replicas: the tables show means over the replicas; "
+                      "the ensemble table gives mean ± standard error", highlight=False)
     request = ReportRequest(Path(args.result), ds, by_layer=args.by_layer, figures=not args.no_figures,
-                            console=console)
+                            console=console, ensemble=ensemble)
     paths: list = []
     for part in args.parts:
         if part.report is not None:

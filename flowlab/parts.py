@@ -87,6 +87,8 @@ class ReportRequest:
     by_layer: bool = False
     figures: bool = True
     console: Any = None
+    #: an ensemble's full Dataset (with its ``sample`` dim); ``dataset`` is then its mean over samples
+    ensemble: Any = None
 
     @property
     def folder(self) -> Path:

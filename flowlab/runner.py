@@ -72,7 +72,7 @@ class Progress:
 
     def update(self, step: int, loss: torch.Tensor | None) -> None:
         if self.enabled and (step % self.stride == 0 or step == self.total):
-            self.bar.update(self.task, completed=step, loss=f"{float(loss):.4g}" if loss is not None else "…")
+            self.bar.update(self.task, completed=step, loss=f"{float(loss.mean()):.4g}" if loss is not None else "…")
 
     def close(self) -> None:
         if self.enabled:

@@ -140,6 +140,7 @@ def test_registry_entries():
     assert isinstance(flow, SGDModifiedLoss) and flow.options() == {"correction": "epoch", "samples": None, "seed": 0}
     svag = SVAG(l=3)
     assert svag.stochastic and svag.weak_order == 1 and svag.default_integrator == "flowlab:euler_maruyama"
+    assert SVAG.takes_dt is False
     assert svag.law(Hyper(0.1, batch_size=4)) is None and svag.options() == {"l": 3.0, "sampling": None}
 
 

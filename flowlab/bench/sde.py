@@ -28,6 +28,7 @@ from .jax import _single_thread
 
 CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
 _clock = time.process_time
+UNIT_MS: list[float] = []  # the median gradient time of each measurement (ms)
 
 
 def _time(fn) -> float:
@@ -47,6 +48,7 @@ def _ratio(fn, unit, repeats: int, per: int = 1) -> tuple[float, float, float]:
         a.append(_time(fn))
         b.append(_time(unit))
     per_rep = [a[i] / (per * (b[2 * i] + b[2 * i + 1]) / 2) for i in range(repeats)]
+    UNIT_MS.append(statistics.median(b) * 1e3)
     return statistics.median(a) / (per * statistics.median(b)), min(per_rep), max(per_rep)
 
 
@@ -140,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# jax {jax.__version__}")
         rows += bench_jax(problem, hp, args.repeats)
     width = max(len(r[0]) for r in rows)
-    print(f"{'measurement':<{width}}  ratio   (spread over {args.repeats} repeats)")
-    for name, r, lo, hi in rows:
-        print(f"{name:<{width}}  {r:5.2f}   ({lo:.2f}..{hi:.2f})")
+    print(f"{'measurement':<{width}}  ratio   (spread over {args.repeats} repeats)  grad ms")
+    for (name, r, lo, hi), unit_ms in zip(rows, UNIT_MS):
+        print(f"{name:<{width}}  {r:5.2f}   ({lo:.2f}..{hi:.2f})  {unit_ms:7.2f}")
     return 0
 
 

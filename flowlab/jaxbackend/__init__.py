@@ -9,6 +9,9 @@ first used (most runs never touch JAX).  The public names below load on first ac
 - :func:`model_twin`, :func:`loss_twin` (``flowlab.jaxbackend.twin``): the pure JAX model / loss.
 - :func:`enable_x64`: JAX float64 is a process-wide switch; flowlab turns it on only when a float64
   problem builds a twin.
+- :func:`sample_paths` (``flowlab.jaxbackend.sde``): K Euler–Maruyama paths of a stochastic flow
+  (``sme``, ``sme2``, ``sme_momentum``) in one jitted ``jax.vmap`` over Brownian keys; one path is
+  what ``diffrax:Euler`` integrates in a run.
 - :mod:`.part`: what this package adds to flowlab (the ``diffrax:*`` integrators, their statistics).
 """
 
@@ -28,6 +31,8 @@ _LAZY = {
     "enable_x64": "_runtime",
     "to_jax": "_runtime",
     "to_torch": "_runtime",
+    "sample_paths": "sde",
+    "IncrementPath": "sde",
 }
 
 __all__ = sorted(_LAZY)

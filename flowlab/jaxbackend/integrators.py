@@ -214,6 +214,8 @@ def _make_classes() -> dict[str, type]:
         how = "rtol/atol (PID) or fixed dt" if adaptive else "fixed step: dt (default η)"
         doc = f"diffrax {solver}: {text}; {how}"
         base = DiffraxEuler if solver == "Euler" else DiffraxIntegrator
+        if solver == "Euler":
+            doc += "; on a stochastic flow Itô Euler–Maruyama (options seed, fuse)"
         out[f"diffrax:{solver}"] = type(f"Diffrax_{solver}", (base,), {"solver": solver, "__doc__": doc})
     return out
 

@@ -282,7 +282,7 @@ class SDEKernel:
     def advance(self, y: tuple, control: Any, t0: float, t1: float, n: int) -> tuple[tuple, Any]:
         before = compile_seconds()
         tt = np.dtype(self.tdtype)
-        out = self._jitted(y, control, np.asarray(t0, tt), np.asarray(t1, tt), jnp.int32(n))
+        out = self._jitted(y, control, np.asarray(t0, tt), np.asarray(t1, tt), np.int32(n))  # host scalars
         self.compile_seconds += compile_seconds() - before
         return out
 

@@ -42,7 +42,7 @@ def full_losses(problem: Any, thetas: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             total = None
             for (x, y), w in problem.chunks():
-                val = torch.func.vmap(lambda th: problem.loss_fn(f(th, x), y))(thetas) * w
+                val = torch.func.vmap(lambda th, x=x, y=y: problem.loss_fn(f(th, x), y))(thetas) * w
                 total = val if total is None else total + val
             return total
     except (RuntimeError, NotImplementedError, ValueError):
@@ -130,11 +130,11 @@ class EnsembleOps:
         def vm():
             total = None
             for (x, y), w in self.problem.chunks():
-                def one(theta, v):
+                def one(theta, v, x=x, y=y):
                     g = torch.func.grad(lambda th: self._batch_loss(th, x, y))
                     return torch.func.jvp(g, (theta,), (v,))[1]
 
-                hv = torch.func.vmap(one)(thetas, vs) * w
+                hv = torch.func.vmap(one, in_dims=(0, 0))(thetas, vs) * w
                 total = hv if total is None else total + hv
             return total.detach()
 

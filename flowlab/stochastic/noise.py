@@ -170,14 +170,14 @@ def batched_weighted_loss_grad(problem: Any, thetas: torch.Tensor, ws: torch.Ten
         x, y = batch
         n = len(y)
 
-        def one(theta, w):
+        def one(theta, w, x=x, y=y, n=n):
             out, vjp = torch.func.vjp(lambda th: f(th, x), theta)
-            loss, dl = torch.func.grad_and_value(lambda o: loss_fn(o, y), has_aux=False)(out)[::-1]
+            loss, dl = torch.func.grad_and_value(lambda o: loss_fn(o, y))(out)[::-1]
             shape = (-1,) + (1,) * (out.dim() - 1)
             return loss, vjp(dl * (w * n).view(shape).to(dl.dtype))[0]
 
         with torch.enable_grad():
-            loss, g = torch.func.vmap(one)(thetas, ws[:, start:start + n])
+            loss, g = torch.func.vmap(one, in_dims=(0, 0))(thetas, ws[:, start:start + n])
         total = loss * cw if total is None else total + loss * cw
         grad = g if grad is None else grad.add_(g)
     return total.detach(), grad.detach()
