@@ -40,6 +40,9 @@ DIVERGENCE_CHECK_EVERY_DEVICE = 64
 #: and at most this many bytes.
 SNAPSHOT_ROWS = 16
 SNAPSHOT_BYTES = 64 << 20
+#: Rows along time held on the device before a flush: at most ``record.chunk``, and at most this many
+#: bytes (an ensemble's rows are K times wider)
+ROWS_BYTES = 256 << 20
 
 
 class Dynamics(Protocol):
@@ -157,8 +160,13 @@ class Recording:
                  theta_bytes: int, sink: Sink | None = None):
         time_vars = [v for v in variables if v.grows_along == "time"]
         snap_vars = [v for v in variables if v.grows_along == "snapshot"]
+        row_bytes = sum((n_dynamics if v.per_dynamics else 1) * int(np.prod(v.shape, dtype=np.int64))
+                        * np.dtype(v.dtype).itemsize for v in time_vars)
+        chunk = max(1, min(chunk, ROWS_BYTES // max(1, row_bytes)))
         self.rows = Rows("time", time_vars, n_dynamics, chunk, device)
-        snap_cap = max(1, min(SNAPSHOT_ROWS, SNAPSHOT_BYTES // max(1, n_dynamics * theta_bytes)))
+        snap_bytes = sum((n_dynamics if v.per_dynamics else 1) * int(np.prod(v.shape, dtype=np.int64))
+                         * np.dtype(v.dtype).itemsize for v in snap_vars)
+        snap_cap = max(1, min(SNAPSHOT_ROWS, SNAPSHOT_BYTES // max(1, n_dynamics * theta_bytes, snap_bytes)))
         self.snaps = Rows("snapshot", snap_vars, n_dynamics, snap_cap, device)
         self.sink = sink
 

@@ -316,3 +316,109 @@ def test_ito_law_holds_along_sde_paths():
     # in expectation (mean over the 48 paths) the law holds far closer than the noise term's size
     mean_gap = float(np.mean(np.abs(gap["fine"].mean(0))))
     assert mean_gap < 0.15 * float(np.mean(np.abs(noise))), (mean_gap, float(np.mean(np.abs(noise))))
+
+
+# ------------------------------------------------------------------------------- weak errors
+
+
+def _quadratic_toml(tmp_path, flows: str, extra: str = "") -> str:
+    path = tmp_path / "q.toml"
+    path.write_text(f"""
+[study]
+name = "q"
+seed = 1
+dtype = "float64"
+[model]
+name = "quadratic"
+A = [[1.0, 0.0], [0.0, 0.25]]
+theta0 = [3.0, -2.0]
+[data]
+name = "whitened"
+n = 4
+[loss]
+name = "identity"
+[optimizer]
+lr = 0.1
+steps = 10
+batch_size = 1
+sampling = "with_replacement"
+[record]
+projections = 0
+{extra}
+{flows}
+""")
+    return str(path)
+
+
+def test_orders_weak_cli(tmp_path, capsys):
+    from flowlab.cli import main
+
+    flows = '[[flows]]\nname = "sme"\nlabel = "sme"\n[[flows]]\nname = "gradient_flow"\nintegrator = "flowlab:rk4"\nlabel = "gf"'
+    study = _quadratic_toml(tmp_path, flows)
+    assert main(["orders", study, "--weak", "--lr", "0.2,0.1", "--horizon", "0.4", "--samples", "1"]) == 2
+    assert "ensemble.size" in capsys.readouterr().err
+    out = tmp_path / "w"
+    assert main(["orders", study, "--weak", "--lr", "0.2,0.1", "--horizon", "0.4", "--samples", "2000",
+                 "--extrapolate", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "weak errors at T=0.4, K=2000" in text and "sme" in text and "gf" in text
+    import xarray as xr
+
+    ds = xr.open_dataset(out / "weak.nc", engine="h5netcdf")
+    assert set(ds.flow.values) == {"sme", "gf"} and (out / "weak.png").exists()
+    assert np.all(ds.se_loss.values > 0) and np.all(np.isfinite(ds.weak_loss.values))
+
+
+def test_extrapolation_couples_the_two_paths():
+    """With extrapolate, the h and h/2 paths share their Brownian path: the coarse path with
+    substeps = 2 is the fine path's increments summed in pairs (a quadratic with η = 0.2: the two
+    paths end within O(h) of each other, independent paths would not)."""
+    from flowlab.stochastic.weak import HALF, study_at
+
+    flows = [{"name": "sme", "label": "sme"}]
+    st = study_at(quadratic_study(0.2, 5, 64, flows), 0.2, 1.0, 64, extrapolate=True)
+    specs = {s.label: s for s in st.flows}
+    assert specs["sme"].integrator_options["substeps"] == 2 and specs["sme" + HALF].dt == pytest.approx(0.1)
+    ds = flowlab.run(st, out="/tmp/lead-pytest-couple", overwrite=True)
+    th = ds.theta.isel(snapshot=-1)
+    gap = np.abs(th.sel(dynamics="sme") - th.sel(dynamics="sme" + HALF)).mean()
+    spread = np.abs(th.sel(dynamics="sme") - th.sel(dynamics="sme").mean("sample")).mean()
+    assert float(gap) < 0.3 * float(spread)
+
+
+@pytest.mark.slow
+def test_weak_orders_of_sme_and_sme2_on_the_noisy_quadratic():
+    """Weak-error slopes against η: sme 1, sme2 2 (Talay–Tubaro extrapolated, coupled paths), each within
+    ±0.2 and with its 95 % interval excluding the other's order (K = 400000 replicas; ~10 min)."""
+    from flowlab.stochastic.weak import measure_weak, slope_ci
+
+    flows = [{"name": "sme", "label": "sme"}, {"name": "sme2", "label": "sme2"}]
+    ds = measure_weak(quadratic_study(0.1, 10, 2, flows), [0.2, 0.1, 0.05, 0.025], 2.0, samples=400000,
+                      extrapolate=True)
+    lr = ds.lr.values
+    e, se = ds.weak_loss.sel(flow="sme").values, ds.se_loss.sel(flow="sme").values
+    s1, ci1 = slope_ci(lr[1:], e[1:], se[1:])  # η ≤ 0.1: past the pre-asymptotic bend at 0.2
+    e2, se2 = ds.weak_loss.sel(flow="sme2").values, ds.se_loss.sel(flow="sme2").values
+    s2, ci2 = slope_ci(lr[:3], e2[:3], se2[:3])  # η ≥ 0.05: where e ≫ se
+    assert abs(s1 - 1) <= 0.2 and abs(s2 - 2) <= 0.2, (s1, ci1, s2, ci2)
+    assert s1 + ci1 < 2 and s2 - ci2 > 1
+
+
+def test_svag_weak_error_falls_like_one_over_l():
+    """SVAG's weak error against SME-1, whose E L(T) is known in closed form on the noisy quadratic
+    (docs/theory.md#noisy-quadratic): |E L(SVAG_l(T)) − E L(SME(T))| ∝ 1/l (slope −1 ± 0.25 in l)."""
+    from flowlab.stochastic.weak import slope_ci
+
+    eta, T, K = 0.25, 1.0, 40000
+    steps = int(T / eta)
+    ls = [1, 2, 4, 8]
+    flows = [{"name": "svag", "l": ell, "label": f"svag{ell}"} for ell in ls]
+    ds = flowlab.run(quadratic_study(eta, steps, K, flows), out="/tmp/lead-pytest-svag", overwrite=True)
+    m_sme = np.exp(-2 * H * T) * X0 ** 2 + (eta * H / 2) * (1 - np.exp(-2 * H * T))
+    exact = expected_loss(m_sme)
+    L = ds.full_loss.isel(time=-1)
+    err = np.array([abs(float(L.sel(dynamics=f"svag{ell}").mean()) - exact) for ell in ls])
+    se = np.array([float(L.sel(dynamics=f"svag{ell}").std()) / math.sqrt(K) for ell in ls])
+    assert np.all(err > 3 * se), (err, se)
+    slope, ci = slope_ci(np.array(ls, dtype=float), err, se)
+    assert abs(slope + 1) <= 0.25, (slope, ci, err)

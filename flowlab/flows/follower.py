@@ -126,6 +126,15 @@ class FlowFollower:
                 raise ConfigError(f"{section}.integrator", getattr(integrator, "name", integrator),
                                   f"{getattr(flow, 'name', flow)} is stochastic: integrate it with flowlab:euler_maruyama "
                                   "(torch) or diffrax:Euler (JAX)")
+            try:  # what only the pair can tell (SVAG's fixed step, diffrax's torch-only options)
+                if hasattr(flow, "check_integrator"):
+                    flow.check_integrator(integrator, hp0, section)
+                if hasattr(integrator, "check_flow"):
+                    integrator.check_flow(flow)
+            except ConfigError as exc:
+                raise exc if exc.field.startswith(section) else exc.within(section) from None
+            if getattr(integrator, "backend", "torch") != "torch":
+                laws = None  # the Itô law is stepped with the torch path only (docs/theory.md#symmetry-under-noise)
             seed = integrator.seed if getattr(integrator, "seed", None) is not None else \
                 derive_seed(built.study.study.seed, label)
             integrator.noise = NoiseSource(seed, built.problem.device, built.problem.dtype)
@@ -152,7 +161,7 @@ class FlowFollower:
             return
         if getattr(self.integrator, "backend", "torch") != "torch":
             raise ConfigError(f"{section}.integrator", self.integrator.name, "an ensemble of stochastic paths "
-                              "runs on torch: use flowlab:euler_maruyama (diffrax samples: flowlab.jaxbackend)")
+                              "runs on torch: use flowlab:euler_maruyama (JAX samples: flowlab.jaxbackend.sample_paths)")
         from ..stochastic.ensemble import EnsembleOps
 
         self.samples = K

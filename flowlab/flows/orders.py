@@ -284,7 +284,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def _weak(args: argparse.Namespace, study: Study) -> int:
     import sys
 
-    from ..stochastic.weak import format_weak, measure_weak
+    from ..stochastic.weak import format_kinds, format_weak, measure_weak, weak_figure
 
     lrs = _floats(args.lr, "--lr")
     ds = measure_weak(study, lrs, args.horizon, samples=args.samples, fine=args.fine, extrapolate=args.extrapolate,
@@ -294,7 +294,10 @@ def _weak(args: argparse.Namespace, study: Study) -> int:
     path = out / "weak.nc"
     ds.to_netcdf(path, engine="h5netcdf")
     print(format_weak(ds))
-    print(f"written to {path}")
+    kinds = format_kinds(ds)
+    if kinds:
+        print(kinds)
+    print(f"written to {path} and {weak_figure(ds, out / 'weak.png')}")
     return 0
 
 

@@ -147,6 +147,8 @@ class EnsembleOps:
     def weighted_loss_grad(self, thetas: torch.Tensor, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from .noise import batched_weighted_loss_grad, weighted_loss_grad
 
+        self.counts["grad"] += thetas.shape[0]
+
         def lp():
             out = [weighted_loss_grad(self.problem, t, w) for t, w in zip(thetas, ws)]
             return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])

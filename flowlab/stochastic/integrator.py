@@ -7,7 +7,10 @@ SDE path has no interpolant.  Each step is the flow's ``step(t, state, ops, hp, 
 Brownian increments and batches come from the path's :class:`~flowlab.stochastic.noise.NoiseSource`
 (``integrator.noise``, set by the follower from the study's seed).  Weak order 1 in h; weak order 2
 by Talay–Tubaro extrapolation 2·E φ(X^{h/2}) − E φ(X^h) in the weak-error analysis
-(``flowlab orders --weak``).
+(``flowlab orders --weak``).  ``substeps = r`` draws each step's Brownian increment as the sum of r
+increments of h/r: a path with step h and ``substeps = 2`` and a path with step h/2 and the same
+``seed`` then follow the SAME Brownian path (coupled), so the extrapolation's variance is that of one
+path, not five times it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class EulerMaruyama(Integrator):
     kind = "fixed"
 
     def __init__(self, rtol: float | None = None, atol: float | None = None, dt: float | None = None,
-                 seed: int | None = None, check_every: int = 1):
+                 seed: int | None = None, check_every: int = 1, substeps: int = 1):
         if rtol is not None or atol is not None:
             raise ConfigError("rtol" if rtol is not None else "atol", rtol if rtol is not None else atol,
                               "flowlab:euler_maruyama is a fixed-step method: give dt, not rtol/atol")
@@ -37,7 +40,9 @@ class EulerMaruyama(Integrator):
             raise ConfigError("integrator_options.seed", seed, "expected an integer >= 0")
         if not isinstance(check_every, int) or check_every < 0:
             raise ConfigError("integrator_options.check_every", check_every, "expected an integer >= 0")
-        self.dt, self.seed, self.check_every = dt, seed, check_every
+        if not isinstance(substeps, int) or isinstance(substeps, bool) or substeps < 1:
+            raise ConfigError("integrator_options.substeps", substeps, "expected an integer >= 1")
+        self.dt, self.seed, self.check_every, self.substeps = dt, seed, check_every, substeps
         self.noise: NoiseSource | None = None
 
     def fixed_dt(self, hp: Hyper, flow: Any = None) -> float:
@@ -50,10 +55,11 @@ class EulerMaruyama(Integrator):
     def start(self, flow: Flow, ops: Ops, hp: Hyper, t0: float, state: tuple) -> _EMSession:
         if self.noise is None:
             self.noise = NoiseSource(self.seed if self.seed is not None else 0)
+        self.noise.substeps = self.substeps
         return _EMSession(self, flow, ops, hp, float(t0), state)
 
     def describe(self) -> dict:
-        return {"name": self.name, "dt": self.dt, "seed": self.seed}
+        return {"name": self.name, "dt": self.dt, "seed": self.seed, "substeps": self.substeps}
 
 
 class _EMSession:

@@ -125,6 +125,9 @@ class StochasticLawFlow(Flow):
         n = self.problem.n
         B = n if hp.batch_size is None else int(hp.batch_size)
         c = noise_constant(inner.scheme(hp), hp.batch_size, n)
+        if c == 0 or bool(self.projector.is_translation.all()):  # no noise, or only translation groups (no Itô term)
+            lead = (theta.shape[0],) if theta.dim() == 2 else ()
+            return torch.zeros(*lead, self.projector.G, dtype=torch.float64, device=theta.device)
         if theta.dim() == 2:
             sums = torch.stack([per_example_quads(self.problem, t, self.projector) for t in theta])
         else:

@@ -37,7 +37,9 @@ def noise_constant(sampling: str, batch_size: int | None, n: int) -> float:
     """c in Σ_B = c·Σ₁/B: 1 with replacement, (N−B)/(N−1) without (and for reshuffling, whose every
     batch is marginally a uniform B-subset; the correlation of batches within an epoch is not
     modelled).  A full batch without replacement has no noise (c = 0)."""
-    B = n if batch_size is None else int(batch_size)
+    if batch_size is None:  # the full batch: plain GD, no noise
+        return 0.0
+    B = int(batch_size)
     if sampling == "with_replacement":
         return 1.0
     if n <= 1:
@@ -79,13 +81,17 @@ class NoiseSource:
         self.device, self.dtype = torch.device(device), dtype
         self.replay = list(replay) if replay is not None else None
         self.drawn: list[torch.Tensor] | None = None  # set to [] to keep every increment drawn
+        self.substeps = 1  # each increment drawn as the sum of this many of h/substeps (coupled paths)
 
     def normal(self, shape: tuple[int, ...], h: float) -> torch.Tensor:
         """ΔW ~ N(0, h I) of ``shape``."""
         if self.replay is not None:
             dw = self.replay.pop(0)
         else:
-            dw = torch.randn(shape, generator=self.generator, dtype=torch.float64).mul_(math.sqrt(h))
+            r = self.substeps
+            dw = torch.randn(shape, generator=self.generator, dtype=torch.float64).mul_(math.sqrt(h / r))
+            for _ in range(r - 1):
+                dw.add_(torch.randn(shape, generator=self.generator, dtype=torch.float64), alpha=math.sqrt(h / r))
         if self.drawn is not None:
             self.drawn.append(dw.clone())
         return dw.to(self.device, self.dtype)

@@ -101,6 +101,7 @@ def report_ensemble(request: Any) -> list:
                               f"{m / sgd:.3f}" if sgd else "")
         console.print(table)
         console.print("With λ = 0 the drift of SGD is its forcing; GF conserves Q, IGR (modified_loss) reproduces the "
-                      "finite-step part, SME the noise part, SME-2 both (docs/theory.md#symmetry-under-noise).",
+                      "finite-step part, SME the noise part, SME-2 both (docs/theory.md#symmetry-under-noise). An SDE "
+                      "integrated with dt = η adds Euler–Maruyama's own finite-step term h|g_A|²: use dt ≪ η.",
                       highlight=False)
     return []

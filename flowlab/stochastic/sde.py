@@ -104,7 +104,7 @@ class StochasticFlow(Flow):
         for K batches drawn from ``noise`` (covariance (1/(K−1))Σ_k (ĝ_k − ḡ_K)(ĝ_k − ḡ_K)ᵀ, an unbiased
         estimate of Σ_B)."""
         s = self._s(ops, hp)
-        v = v - v.mean(-1, keepdim=True)
+        v = v - v.mean(-1)[..., None]
         if self.diffusion_kind == "per_example":
             return -(ops.weighted_loss_grad(theta, s * v)[1])
         if noise is None:
@@ -117,7 +117,7 @@ class StochasticFlow(Flow):
         """K batch gradients ĝ_k at θ (K, m) (or (P, K, m) for P paths), batches by the flow's scheme."""
         n = int(ops.n)
         B = n if hp.batch_size is None else int(hp.batch_size)
-        paths = theta.shape[0] if theta.dim() == 2 else None
+        paths = theta.shape[0] if theta.ndim == 2 else None
         count = self.batches * (paths or 1)
         idx = torch.stack([noise.batch(n, B, self.scheme(hp)) for _ in range(count)])
         if paths is None:
@@ -139,7 +139,7 @@ class StochasticFlow(Flow):
     def _noise_shape(self, state: tuple, ops: Any, hp: Hyper) -> tuple[int, ...]:
         theta = state[0]
         d = self.noise_dim(ops, hp)
-        return (theta.shape[0], d) if theta.dim() == 2 else (d,)
+        return (theta.shape[0], d) if theta.ndim == 2 else (d,)
 
     def noise_law_gain(self, hp: Hyper) -> float:
         """The coefficient of tr Σ_{B,A} in d|θ_A|²/dt (the Itô term of the law)."""
@@ -163,7 +163,7 @@ class SME(StochasticFlow):
         theta = state[0]
         dw = noise.normal(self._noise_shape(state, ops, hp), h)
         n = int(ops.n)
-        w = (h / n) + self._s(ops, hp) * (dw - dw.mean(-1, keepdim=True))
+        w = (h / n) + self._s(ops, hp) * (dw - dw.mean(-1)[..., None])
         g = ops.weighted_loss_grad(theta, w)[1]  # h∇L − σΔW
         out = theta - g
         if hp.weight_decay:

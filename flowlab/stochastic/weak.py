@@ -9,7 +9,9 @@ symmetry quantity Q_A and the random projections ⟨r_i, θ⟩ — the weak erro
 
 (independent ensembles; a deterministic flow has var 0).  ``fine = r`` integrates the SDEs with
 dt = η/r; ``extrapolate`` adds Talay–Tubaro extrapolation 2·E φ(X^{h/2}) − E φ(X^h) (weak order 2
-in the solver's step, so its O(h) error does not mask a model's O(η²); se² = 4 se²_{h/2} + se²_h).
+in the solver's step, so its O(h) error does not mask a model's O(η²); the h and h/2 paths share
+their Brownian path — the coarse one sums pairs of the fine increments — so the extrapolated
+estimator's variance is about one path's; its se is that of the per-replica combination).
 The order is the weighted least-squares slope of log e against log η (weights e²/se²) with its 95 %
 interval; an error below 2 se at some η is flagged ``resolved = False``.
 """
@@ -27,6 +29,7 @@ import xarray as xr
 
 from ..config import Study, parse_study
 from ..errors import ConfigError
+from ..seeds import derive_seed
 
 HALF = "@h/2"
 
@@ -35,6 +38,12 @@ def _stochastic(name: str, study: Study) -> bool:
     reg = study.registry("flows")
     cls = reg[name] if name in reg else None
     return bool(getattr(cls, "stochastic", False))
+
+
+def _takes_dt(name: str, study: Study) -> bool:
+    reg = study.registry("flows")
+    cls = reg[name] if name in reg else None
+    return bool(getattr(cls, "takes_dt", True))
 
 
 def _weak_order(name: str, study: Study) -> int:
@@ -58,12 +67,18 @@ def study_at(study: Study, lr: float, horizon: float, samples: int, fine: int = 
     flows = []
     for spec in raw.get("flows", []):
         spec = dict(spec)
-        if _stochastic(spec["name"], study) and spec.get("integrator", "flowlab:euler_maruyama") == "flowlab:euler_maruyama":
+        if (_stochastic(spec["name"], study) and _takes_dt(spec["name"], study)
+                and spec.get("integrator", "flowlab:euler_maruyama") == "flowlab:euler_maruyama"):
             if fine > 1 or extrapolate:
                 spec["dt"] = lr / fine
-            flows.append(spec)
-            if extrapolate:
-                flows.append({**spec, "dt": lr / (2 * fine), "label": spec["label"] + HALF})
+            if extrapolate:  # the h and h/2 paths share one Brownian path (coupled: docs/theory.md#weak-error)
+                seed = derive_seed(study.study.seed, spec["label"], 0)
+                opts = dict(spec.get("integrator_options", {}))
+                flows.append({**spec, "integrator_options": {**opts, "seed": seed, "substeps": 2}})
+                flows.append({**spec, "dt": lr / (2 * fine), "label": spec["label"] + HALF,
+                              "integrator_options": {**opts, "seed": seed}})
+            else:
+                flows.append(spec)
         else:
             flows.append(spec)
     raw["flows"] = flows
@@ -99,9 +114,8 @@ def weak_rows(ds: xr.Dataset, labels: Sequence[str], extrapolate: bool) -> dict[
         errs, ses = [], []
         for f in labels:
             mf, s2f = m.sel(dynamics=f), s2.sel(dynamics=f)
-            if extrapolate and f + HALF in ds.dynamics.values:
-                mf = 2 * m.sel(dynamics=f + HALF) - mf
-                s2f = 4 * s2.sel(dynamics=f + HALF) + s2f
+            if extrapolate and f + HALF in ds.dynamics.values:  # per replica: the two paths are coupled
+                mf, s2f = _moments(2 * v.sel(dynamics=f + HALF) - v.sel(dynamics=f))
             errs.append(abs(m.sel(dynamics="sgd") - mf).drop_vars("dynamics", errors="ignore"))
             ses.append(np.sqrt(s2.sel(dynamics="sgd") + s2f).drop_vars("dynamics", errors="ignore"))
         out[name] = (xr.concat(errs, "flow"), xr.concat(ses, "flow"))
@@ -205,3 +219,63 @@ def format_weak(ds: xr.Dataset) -> str:
             flag = "" if bool(ds[f"resolved_{fn}"].values[i]) else "  (unresolved: e < 2 se)"
             lines.append(f"  {f:<32} {cells}   {o:5.2f} ± {ci:4.2f}   {int(ds.expected_order.values[i])}{flag}")
     return "\n".join(lines)
+
+
+def kind_means(ds: xr.Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{kind: (mean weak error of Q_A over the groups of that kind (flow, lr), its se)} for scale and
+    rescale groups (translation quantities are conserved by every model and by SGD alike)."""
+    if "weak_quantity" not in ds or "group_kind" not in ds.coords:
+        return {}
+    kinds = ds.group_kind.values.astype(str)
+    out = {}
+    for kind in ("scale", "rescale"):
+        idx = np.flatnonzero(kinds == kind)
+        if idx.size:
+            e = ds.weak_quantity.isel(symmetry_group=idx).mean("symmetry_group").values
+            se = np.sqrt((ds.se_quantity.isel(symmetry_group=idx) ** 2).mean("symmetry_group").values / idx.size)
+            out[kind] = (e, se)
+    return out
+
+
+def format_kinds(ds: xr.Dataset) -> str:
+    lines = []
+    lrs = ds.lr.values
+    for kind, (e, se) in kind_means(ds).items():
+        lines.append(f"φ = Q_A, mean over the {kind} groups: " + "  ".join(f"e(η={lr:g})" for lr in lrs)
+                     + "   slope")
+        for i, f in enumerate(ds.flow.values):
+            slope = slope_ci(ds.lr.values, e[i], se[i])[0]
+            lines.append(f"  {f:<32} " + "  ".join(f"{x:.2e}±{s:.1e}" for x, s in zip(e[i], se[i])) + f"   {slope:5.2f}")
+    return "\n".join(lines)
+
+
+def weak_figure(ds: xr.Dataset, path: str | Path) -> Path:
+    """Weak error vs η (log–log) per flow: the loss, |θ|², and the mean over scale/rescale groups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", ds.get("weak_loss"), ds.get("se_loss")), ("|θ|²", ds.get("weak_theta_sq"), ds.get("se_theta_sq"))]
+    panels = [(t, e.values, s.values) for t, e, s in panels if e is not None]
+    panels += [(f"Q_A, {k} (mean)", e, s) for k, (e, s) in kind_means(ds).items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    lrs = ds.lr.values
+    for ax, (title, e, s) in zip(axes[0], panels):
+        for i, f in enumerate(ds.flow.values):
+            ax.errorbar(lrs, e[i], yerr=2 * s[i], marker="o", capsize=2, label=str(f))
+        ref = e[np.isfinite(e)]
+        if ref.size:
+            for order, style in ((1, ":"), (2, "--")):
+                ax.plot(lrs, ref.max() * (lrs / lrs.max()) ** order, "k" + style, lw=0.8, label=f"slope {order}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("η")
+        ax.set_title(f"weak error: {title}")
+    axes[0][0].set_ylabel(f"|E φ(SGD) − E φ(model)| (±2 se), K={ds.attrs['samples']}")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
