@@ -422,3 +422,27 @@ def test_svag_weak_error_falls_like_one_over_l():
     assert np.all(err > 3 * se), (err, se)
     slope, ci = slope_ci(np.array(ls, dtype=float), err, se)
     assert abs(slope + 1) <= 0.25, (slope, ci, err)
+
+
+def test_report_on_an_ensemble_splits_sgds_symmetry_breaking(tmp_path, capsys):
+    """``flowlab report`` on an ensemble: mean ± se per dynamics, and SGD's forcing beside its
+    finite-step and noise parts, whose sum is the forcing in expectation (E|ĝ_A|² = |g_A|² + tr Σ_{B,A})."""
+    from flowlab.cli import main
+    from flowlab.stochastic.report import breaking_split
+
+    raw = small_study(model={"name": "mlp", "widths": [10], "activation": "relu"}, data={"n": 40},
+                      optimizer={"lr": 0.1, "steps": 12, "batch_size": 4, "sampling": "with_replacement"},
+                      flows=[{"name": "sme", "label": "sme", "dt": 0.025}], record={"every": 1, "projections": 0},
+                      theory={"flow_laws": False}, ensemble={"size": 24})
+    out = tmp_path / "ens"
+    ds = flowlab.run(parse_study(raw), out=out)
+    assert {"grad_term_full", "grad_term_noise"} <= set(ds.data_vars)
+    split = breaking_split(ds)
+    measured, finite, noise = split["measured"], split["finite_step"], split["noise"]
+    # the measured forcing and the sum of its parts agree within the ensemble's standard errors
+    z = (measured[0] - finite[0] - noise[0]) / math.sqrt(measured[1] ** 2 + finite[1] ** 2 + noise[1] ** 2)
+    assert abs(z) < 4, (measured, finite, noise)
+    assert noise[0] > 0 and finite[0] > 0
+    assert main(["report", str(out), "--no-figures"]) == 0
+    text = capsys.readouterr().out
+    assert "ensemble: 24 replicas" in text and "noise part" in text and "finite-step part" in text
