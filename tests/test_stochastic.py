@@ -409,7 +409,7 @@ def test_svag_weak_error_falls_like_one_over_l():
     (docs/theory.md#noisy-quadratic): |E L(SVAG_l(T)) − E L(SME(T))| ∝ 1/l (slope −1 ± 0.25 in l)."""
     from flowlab.stochastic.weak import slope_ci
 
-    eta, T, K = 0.25, 1.0, 40000
+    eta, T, K = 0.25, 1.0, 20000
     steps = int(T / eta)
     ls = [1, 2, 4, 8]
     flows = [{"name": "svag", "l": ell, "label": f"svag{ell}"} for ell in ls]
@@ -446,3 +446,24 @@ def test_report_on_an_ensemble_splits_sgds_symmetry_breaking(tmp_path, capsys):
     assert main(["report", str(out), "--no-figures"]) == 0
     text = capsys.readouterr().out
     assert "ensemble: 24 replicas" in text and "noise part" in text and "finite-step part" in text
+
+
+def test_sme_momentum_without_noise_is_the_momentum_flow_on_euler():
+    """A full batch has no noise (c = 0): sme_momentum's Euler–Maruyama path is then explicit Euler on
+    momentum_second_order, from the same θ'(0) = −∇L_λ(θ0)/(1+β), to round-off; with minibatches it
+    runs beside heavy-ball SGD and its paths differ."""
+    base = dict(optimizer={"steps": 8, "momentum": 0.9, "weight_decay": 1e-3, "batch_size": "full"},
+                record={"every": 4, "projections": 0}, theory={"flow_laws": False})
+    raw = small_study(**base, flows=[{"name": "sme_momentum", "label": "smom", "sampling": "with_replacement"},
+                                     {"name": "momentum_second_order", "integrator": "flowlab:euler",
+                                      "integrator_options": {"land": "exact"}, "label": "ode"}])
+    ds = flowlab.run(parse_study(raw), out="/tmp/lead-pytest-smom", overwrite=True)
+    a, b = ds.theta.sel(dynamics="smom").values, ds.theta.sel(dynamics="ode").values
+    assert np.abs(a - b).max() <= 1e-13 * np.abs(b).max()
+    raw = small_study(**{**base, "optimizer": {**base["optimizer"], "batch_size": 8,
+                                               "sampling": "with_replacement"}},
+                      flows=[{"name": "sme_momentum", "label": "smom"}], ensemble={"size": 3})
+    ds = flowlab.run(parse_study(raw), out="/tmp/lead-pytest-smom2", overwrite=True)
+    assert list(ds.status.values) == ["ok", "ok"]
+    th = ds.theta.sel(dynamics="smom").isel(snapshot=-1).values
+    assert np.abs(th[0] - th[1]).max() > 0
