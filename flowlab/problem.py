@@ -299,12 +299,16 @@ class Problem:
         with pure_batchnorm(self.module, self._norms):
             return self.loss_fn(self.module(batch[0]), batch[1])
 
-    def functional_loss(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Loss as a differentiable, pure function of ``theta`` (usable under torch.func)."""
+    def functional_output(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``x`` as a differentiable, pure function of ``theta`` (usable under
+        torch.func: BatchNorm uses batch statistics and leaves its running statistics alone)."""
         params = self.layout.unflatten(theta)
         with pure_batchnorm(self.module):
-            out = torch.func.functional_call(self.module, params, (batch[0],))
-        return self.loss_fn(out, batch[1])
+            return torch.func.functional_call(self.module, params, (x,))
+
+    def functional_loss(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Loss as a differentiable, pure function of ``theta`` (usable under torch.func)."""
+        return self.loss_fn(self.functional_output(theta, batch[0]), batch[1])
 
     def loss(self, theta: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """L(θ; batch) (the whole dataset in one batch when ``batch`` is None)."""

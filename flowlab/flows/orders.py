@@ -293,11 +293,18 @@ def _weak(args: argparse.Namespace, study: Study) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "weak.nc"
     ds.to_netcdf(path, engine="h5netcdf")
-    print(format_weak(ds))
+    text = format_weak(ds)
     kinds = format_kinds(ds)
     if kinds:
-        print(kinds)
-    print(f"written to {path} and {weak_figure(ds, out / 'weak.png')}")
+        text += "\n" + kinds
+    print(text)
+    figure = weak_figure(ds, out / "weak.png")
+    command = "flowlab " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("flowlab") else \
+        f"flowlab orders {args.study} --weak --lr {args.lr} --horizon {args.horizon}"
+    (out / "summary.md").write_text(
+        f"# Weak errors: {study.name}\n\nRegenerate: `{command}`\n\n```\n{text}\n```\n\n"
+        f"Dataset: `weak.nc` (dims flow, lr, symmetry_group, proj); figure: `weak.png`.\n")
+    print(f"written to {path}, {figure} and {out / 'summary.md'}")
     return 0
 
 

@@ -19,25 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..problem import pure_batchnorm
 from ..seeds import derive_seed
-from ..sgd import BatchSampler
-
-
-def _functional(problem: Any):
-    names = problem.layout.names
-
-    def f(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        params = problem.layout.unflatten(theta)
-        with pure_batchnorm(problem.module):
-            return torch.func.functional_call(problem.module, {n: params[n] for n in names}, (x,))
-
-    return f
+from ..sgd import BatchSampler, DiscreteSGD
 
 
 def full_losses(problem: Any, thetas: torch.Tensor) -> torch.Tensor:
     """L(θ_k) for K states (K,), vectorised (a loop where vmap fails)."""
-    f = _functional(problem)
+    f = problem.functional_output
     try:
         with torch.no_grad():
             total = None
@@ -51,6 +39,23 @@ def full_losses(problem: Any, thetas: torch.Tensor) -> torch.Tensor:
 
 class VectoriseWarning(UserWarning):
     """torch.func.vmap failed on this model: the ensemble loops over its replicas."""
+
+
+def vmap_or_loop(owner: Any, vmapped, looped):
+    """``vmapped()`` unless ``owner.vectorise`` is False; where vmap fails and ``owner.vectorise`` is
+    "auto", warn once, set it False and ``looped()`` from then on."""
+    if owner.vectorise is False:
+        return looped()
+    try:
+        with torch.enable_grad():
+            return vmapped()
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        if owner.vectorise is True:
+            raise
+        warnings.warn(f"torch.func.vmap failed on this model ({str(exc).splitlines()[0]}); the ensemble "
+                      "loops over its replicas", VectoriseWarning, stacklevel=3)
+        owner.vectorise = False
+        return looped()
 
 
 class EnsembleOps:
@@ -68,25 +73,14 @@ class EnsembleOps:
         self.single = TorchOps(problem)
         self.vectorise = vectorise
         self.counts = self.single.counts
-        self._f = _functional(problem)
+        self._f = problem.functional_output
 
     @property
     def n(self) -> int:
         return self.problem.n
 
     def _try(self, vmapped, looped):
-        if self.vectorise is False:
-            return looped()
-        try:
-            with torch.enable_grad():
-                return vmapped()
-        except (RuntimeError, NotImplementedError, ValueError) as exc:
-            if self.vectorise is True:
-                raise
-            warnings.warn(f"torch.func.vmap failed on this model ({str(exc).splitlines()[0]}); the ensemble "
-                          "loops over its replicas", VectoriseWarning, stacklevel=3)
-            self.vectorise = False
-            return looped()
+        return vmap_or_loop(self, vmapped, looped)
 
     def _batch_loss(self, theta, x, y):
         return self.problem.loss_fn(self._f(theta, x), y)
@@ -207,15 +201,15 @@ class BlockSampler:
         return out
 
 
-class ReplicaSGD:
+class ReplicaSGD(DiscreteSGD):
     """K replicas of the discrete run (the engine's ``Discrete`` protocol with θ of shape (K, m)).
 
     ``streams = "replica"``: replica s draws its batches from its own :class:`~flowlab.sgd.BatchSampler`,
     seeded ``derive_seed(seed, "sgd", s)`` (replica 0 is the single run); ``"block"``: all replicas
     from one :class:`BlockSampler` (vectorised draws; ``"auto"``: replica up to
     :data:`REPLICA_STREAMS_UP_TO` replicas).  The update is torch.optim.SGD's arithmetic applied to the
-    (K, m) block (elementwise, so replica s is bitwise the single run with the same batches and
-    gradients).  Gradients: one vmapped call over the replicas (``vectorise``), else a loop on the
+    (K, m) block (``DiscreteSGD.update`` itself: elementwise, so replica s is bitwise the single run
+    with the same batches and gradients).  Gradients: one vmapped call over the replicas (``vectorise``), else a loop on the
     module (then each replica's gradient is bitwise the single run's)."""
 
     label = "sgd"
@@ -224,6 +218,7 @@ class ReplicaSGD:
                  streams: str = "auto"):
         self.problem, self.size = problem, int(size)
         self.lrs = np.asarray(lrs, dtype=np.float64)
+        self.times = np.concatenate([[0.0], np.cumsum(self.lrs)])
         self.wd, self.beta, self.damp, self.nesterov = opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov
         if streams == "auto":
             streams = "replica" if self.size <= REPLICA_STREAMS_UP_TO else "block"
@@ -244,7 +239,7 @@ class ReplicaSGD:
         self.batch: Any = None
         self.n_grad_evals = 0
         self.vectorise = vectorise
-        self._f = _functional(problem)
+        self._f = problem.functional_output
         self._own_grad: torch.Tensor | None = None
 
     def _vmapped(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,38 +273,11 @@ class ReplicaSGD:
             idx = self.block.next()
             full = idx is None
         self.batch = idx
-        if self.vectorise is not False and not full:
-            try:
-                self.loss, self.grad = self._vmapped(idx)
-            except (RuntimeError, NotImplementedError, ValueError) as exc:
-                if self.vectorise is True:
-                    raise
-                warnings.warn(f"torch.func.vmap failed on this model ({str(exc).splitlines()[0]}); the ensemble "
-                              "loops over its replicas", VectoriseWarning, stacklevel=2)
-                self.vectorise = False
-                self.loss, self.grad = self._looped(idx)
-        else:
+        if full:
             self.loss, self.grad = self._looped(idx)
+        else:
+            self.loss, self.grad = vmap_or_loop(self, lambda: self._vmapped(idx), lambda: self._looped(idx))
         self.n_grad_evals += 1
 
     def keep_grad(self) -> None:
         pass  # the gradients are this object's own tensors
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """θ_{k+1} = θ_k − η_k d_k for every replica (torch.optim.SGD's arithmetic, elementwise)."""
-        lr = float(self.lrs[self.step])
-        d = self.grad
-        if self.wd != 0:
-            d = torch.add(d, self.theta, alpha=self.wd, out=self._d)
-        if self.beta != 0:
-            if self.buf is None:
-                self.buf = d.detach().clone()
-            else:
-                self.buf.mul_(self.beta).add_(d, alpha=1 - self.damp)
-            if self.nesterov:
-                d = torch.add(d, self.buf, alpha=self.beta, out=self._d)
-            else:
-                d = self.buf
-        self.theta.add_(d, alpha=-lr)
-        self.step += 1

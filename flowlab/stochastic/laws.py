@@ -31,9 +31,7 @@ from .noise import noise_constant
 def per_example_quads(problem: Any, theta: torch.Tensor, projector: Any, chunk: int = 128) -> torch.Tensor:
     """Σ_i quad(g_i − ḡ) (G,) over the whole dataset: per-example gradients by ``torch.func.vmap``,
     ``chunk`` examples at a time (never the whole N × m matrix)."""
-    from .ensemble import _functional
-
-    f = _functional(problem)
+    f = problem.functional_output
     loss_fn = problem.loss_fn
 
     def one(th, x, y):

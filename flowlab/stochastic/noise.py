@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..problem import pure_batchnorm
 
 DIFFUSIONS = ("per_example", "batches")
 #: the sampling scheme each built-in noise constant models
@@ -154,21 +153,10 @@ def batch_loss_grad(problem: Any, theta: torch.Tensor, index: torch.Tensor) -> t
 # ------------------------------------------------------------ K paths at once (torch.func.vmap)
 
 
-def _functional(problem: Any):
-    names = problem.layout.names
-
-    def f(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        params = problem.layout.unflatten(theta)
-        with pure_batchnorm(problem.module):
-            return torch.func.functional_call(problem.module, {n: params[n] for n in names}, (x,))
-
-    return f
-
-
 def batched_weighted_loss_grad(problem: Any, thetas: torch.Tensor, ws: torch.Tensor
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L (K,), ∇ Σ_i w_ki ℓ_i at θ_k (K, m)) for K paths, vectorised over the paths."""
-    f = _functional(problem)
+    f = problem.functional_output
     loss_fn = problem.loss_fn
     problem.counts["grad"] += thetas.shape[0]
     total = grad = None
