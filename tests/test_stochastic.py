@@ -366,6 +366,7 @@ def test_orders_weak_cli(tmp_path, capsys):
 
     ds = xr.open_dataset(out / "weak.nc", engine="h5netcdf")
     assert set(ds.flow.values) == {"sme", "gf"} and (out / "weak.png").exists()
+    assert "Regenerate: `flowlab orders" in (out / "summary.md").read_text()
     assert np.all(ds.se_loss.values > 0) and np.all(np.isfinite(ds.weak_loss.values))
 
 

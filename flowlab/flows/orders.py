@@ -284,7 +284,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def _weak(args: argparse.Namespace, study: Study) -> int:
     import sys
 
-    from ..stochastic.weak import format_kinds, format_weak, measure_weak, weak_figure
+    from ..stochastic.weak import measure_weak, write_summary
 
     lrs = _floats(args.lr, "--lr")
     ds = measure_weak(study, lrs, args.horizon, samples=args.samples, fine=args.fine, extrapolate=args.extrapolate,
@@ -293,17 +293,10 @@ def _weak(args: argparse.Namespace, study: Study) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "weak.nc"
     ds.to_netcdf(path, engine="h5netcdf")
-    text = format_weak(ds)
-    kinds = format_kinds(ds)
-    if kinds:
-        text += "\n" + kinds
-    print(text)
-    figure = weak_figure(ds, out / "weak.png")
     command = "flowlab " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("flowlab") else \
         f"flowlab orders {args.study} --weak --lr {args.lr} --horizon {args.horizon}"
-    (out / "summary.md").write_text(
-        f"# Weak errors: {study.name}\n\nRegenerate: `{command}`\n\n```\n{text}\n```\n\n"
-        f"Dataset: `weak.nc` (dims flow, lr, symmetry_group, proj); figure: `weak.png`.\n")
+    text, figure = write_summary(ds, out, command)
+    print(text)
     print(f"written to {path}, {figure} and {out / 'summary.md'}")
     return 0
 

@@ -18,6 +18,7 @@ interval; an error below 2 se at some η is flagged ``resolved = False``.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -279,3 +280,18 @@ def weak_figure(ds: xr.Dataset, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_summary(ds: xr.Dataset, out: str | Path, command: str) -> tuple[str, Path]:
+    """``OUT/summary.md`` (the tables, naming the ``command`` that made ``ds``) and ``OUT/weak.png``."""
+    out = Path(out)
+    text = format_weak(ds)
+    kinds = format_kinds(ds)
+    if kinds:
+        text += "\n" + kinds
+    figure = weak_figure(ds, out / "weak.png")
+    (out / "summary.md").write_text(
+        f"# Weak errors: {json.loads(ds.attrs['study']).get('study', {}).get('name', '')}\n\n"
+        f"Regenerate: `{command}`\n\n```\n{text}\n```\n\n"
+        "Dataset: `weak.nc` (dims flow, lr, symmetry_group, proj); figure: `weak.png`.\n")
+    return text, figure
