@@ -458,7 +458,8 @@ def test_sme_momentum_without_noise_is_the_momentum_flow_on_euler():
     raw = small_study(**base, flows=[{"name": "sme_momentum", "label": "smom", "sampling": "with_replacement"},
                                      {"name": "momentum_second_order", "integrator": "flowlab:euler",
                                       "integrator_options": {"land": "exact"}, "label": "ode"}])
-    ds = flowlab.run(parse_study(raw), out="/tmp/lead-pytest-smom", overwrite=True)
+    with pytest.warns(SamplingWarning, match="with_replacement"):  # the study reshuffles: warned, not refused
+        ds = flowlab.run(parse_study(raw), out="/tmp/lead-pytest-smom", overwrite=True)
     a, b = ds.theta.sel(dynamics="smom").values, ds.theta.sel(dynamics="ode").values
     assert np.abs(a - b).max() <= 1e-13 * np.abs(b).max()
     raw = small_study(**{**base, "optimizer": {**base["optimizer"], "batch_size": 8,
