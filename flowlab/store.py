@@ -197,6 +197,13 @@ def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
     """Open a run's Dataset: ``out`` is its output folder, a ``.zarr`` store or a netCDF file.
     Stores written before the ``dynamics`` / ``symmetry_group`` renames open with the new dims."""
     p = Path(out)
+    from .sweep.runner import is_sweep
+
+    if is_sweep(p):  # a sweep folder: its points as one Dataset with the sweep's dims
+        from .sweep.runner import open_sweep
+
+        ds = open_sweep(p)
+        return ds.load() if load else ds
     if p.is_file() and p.suffix in (".nc", ".nc4", ".netcdf", ".h5"):
         ds = renamed_dims(_plain_strings(xr.open_dataset(p, engine="h5netcdf")))
         return ds.load() if load else ds
