@@ -19,7 +19,7 @@ def _demo_parts() -> Parts:
 
 def test_builtin_parts_and_their_order():
     parts = flowlab.discover([])
-    assert [p.name for p in parts] == ["core", "symmetry", "theory", "flows", "jax", "stochastic"]
+    assert [p.name for p in parts] == ["core", "symmetry", "theory", "flows", "jax", "stochastic", "sweep"]
     order = [p.name for p in parts.order]
     # the theory needs the symmetry recorder, the flows want the theory's laws, the JAX part needs the followers,
     # the stochastic part wants the symmetry recorder (SGD's finite-step / noise split)
@@ -29,8 +29,8 @@ def test_builtin_parts_and_their_order():
     assert "flowlab:euler_maruyama" in parts.registry("integrators")
     assert {"models", "datasets", "losses", "schedules", "flows", "integrators"} <= set(parts.registries)
     assert "diffrax:Dopri5" in parts.registry("integrators")  # an entry of the JAX part in the flows part's registry
-    assert set(parts.sections) == {"flows", "symmetry", "theory", "ensemble"}
-    assert {"run", "list", "export", "report", "orders", "symmetries", "check"} <= set(parts.commands)
+    assert set(parts.sections) == {"flows", "symmetry", "theory", "ensemble", "sweep"}
+    assert {"run", "list", "export", "report", "orders", "symmetries", "check", "sweep"} <= set(parts.commands)
 
 
 def test_a_part_from_outside_adds_a_flow_and_a_recorder(tmp_path):
@@ -60,10 +60,10 @@ def test_a_part_from_outside_adds_a_flow_and_a_recorder(tmp_path):
 def test_a_part_from_outside_adds_a_command_and_list_shows_it(capsys):
     parts = _demo_parts()
     assert cli_main(["hello"], parts=parts) == 0
-    assert "hello from the demo part (7 parts)" in capsys.readouterr().out
+    assert "hello from the demo part (8 parts)" in capsys.readouterr().out
     assert cli_main(["list"], parts=parts) == 0
     out = capsys.readouterr().out
-    assert "demo_decay" in out and "parts: core, symmetry, theory, flows, jax, stochastic, demo" in out
+    assert "demo_decay" in out and "parts: core, symmetry, theory, flows, jax, stochastic, sweep, demo" in out
     assert cli_main(["hello"]) == 2  # not a command of the installed parts
 
 
