@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import small_toml
 
 import flowlab
 from flowlab.cli import main
@@ -21,22 +22,7 @@ from flowlab.config import load_study
 from flowlab.errors import ConfigError
 from flowlab.sweep.config import point_study
 
-STUDY = """
-[study]
-name = "sw"
-dtype = "float64"
-seed = 0
-[model]
-name = "mlp"
-widths = [8]
-activation = "tanh"
-[data]
-name = "digits"
-n = 64
-[optimizer]
-lr = 0.1
-steps = 6
-batch_size = 16
+STUDY = small_toml("sw", steps=6) + """
 [record]
 every = 2
 projections = 2
