@@ -119,6 +119,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     ds = open_result(args.result, load=True)
     console = _console()
+    if "sweep_status" in ds:  # a sweep folder: one row per point and the figure of merit against each axis
+        from .sweep.report import report_sweep
+
+        request = ReportRequest(Path(args.result), ds, by_layer=args.by_layer, figures=not args.no_figures,
+                                console=console)
+        for p in report_sweep(request):
+            console.print(f"wrote {p}", highlight=False)
+        return 0
     ensemble = None
     if "sample" in ds.dims:  # an ensemble: the per-run tables show the mean over replicas
         ensemble, ds = ds, ds.mean("sample", keep_attrs=True)

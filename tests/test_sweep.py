@@ -68,6 +68,20 @@ def test_a_twelve_point_sweep_on_a_local_cluster_equals_the_points_run_one_by_on
             _same(ds.sel(lr=lr, weight_decay=5e-4, seed=seed), single)
     # t = Σ η differs with η: time is a coordinate along lr
     assert np.allclose(ds.time.sel(lr=0.05).values, 0.05 * ds.step.values)
+    # the sweep's report: one row per point, the figure of merit against each numeric axis
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "12 points" in text and "max distance from SGD vs lr (log–log slope): gf" in text
+    report = json.loads((out / "sweep_report.json").read_text())
+    assert len(report["points"]) == 12 and (out / "sweep_lr.png").exists()
+    from flowlab.sweep.report import merit_slopes
+
+    slope = merit_slopes(ds)["lr"]["gf"]
+    lrs = np.array([0.2, 0.1, 0.05])
+    merit = [float(ds.distance.sel(lr=lr, dynamics="gf").max("time").mean().values) for lr in lrs]
+    assert slope == pytest.approx(np.polyfit(np.log(lrs), np.log(merit), 1)[0], rel=1e-12)
+    assert report["slopes"]["lr"]["gf"] == pytest.approx(slope)
     # resume: nothing to do, nothing recomputed
     stamps = {p: (p / "point.json").stat().st_mtime_ns for p in (out / "points").iterdir()}
     assert main(["sweep", str(path), "--out", str(out), "--resume"]) == 0
