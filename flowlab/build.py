@@ -83,6 +83,9 @@ def check_fit(module: nn.Module, data: Data, loss_name: str, loss_fn) -> None:
 def build(study: Study) -> Built:
     """Build the Problem (model on data with the loss) and the learning-rate sequence of a study."""
     device = resolve_device(study.study.device)
+    # float32 on CUDA: TF32 only when the study asks (torch's matmul default is off, cuDNN's on)
+    torch.backends.cuda.matmul.allow_tf32 = bool(study.study.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(study.study.tf32)
     dtype = resolve_dtype(study.study.dtype)
     # quadratic-style models carry their own input size; data may be inferred from the model
     data = build_data(study, input_shape=_model_dim(study))

@@ -153,6 +153,22 @@ RUN = Command("run", "run a study: SGD (and its flows), recorded into OUT/trajec
 LIST = Command("list", "list the registered models, datasets, losses, schedules, flows, integrators and parts",
                lambda p: None, _cmd_list)
 EXPORT = Command("export", "export a result to netCDF", _configure_export, _cmd_export)
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    from .bench.all import SECTIONS
+
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
+    p.add_argument("--out", default="results/bench/bench.md", help="the table's file (default results/bench/bench.md)")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.all import main as bench_main
+
+    argv = ["--out", args.out] + (["--only", args.only] if args.only else [])
+    return bench_main(argv)
+
+
+BENCH = Command("bench", "every performance figure as a ratio against the raw baseline, with its target "
+                "(writes results/bench/bench.md)", _configure_bench, _cmd_bench)
 REPORT = Command("report", "report a result: per dynamics its status and loss, its drift from each conservation "
                  "law per symmetry kind (× layer), the theory's error, with figures", _configure_report, _cmd_report)
 

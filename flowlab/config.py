@@ -111,6 +111,9 @@ class StudySection:
     device: str = field(default="auto", metadata=_check(device_check))
     out: str | None = field(default=None, metadata=_check(optional(string)))
     description: str = field(default="", metadata=_check(lambda v: None if isinstance(v, str) else "expected a string"))
+    #: TF32 matrix products and convolutions on CUDA (faster float32, ~1e-3 relative error); off unless
+    #: asked for, and recorded in the Dataset's attrs either way
+    tf32: bool = field(default=False, metadata=_check(boolean))
 
 
 @dataclass(frozen=True)

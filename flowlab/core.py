@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .cli import EXPORT, LIST, REPORT, RUN, report_summary
+from .cli import BENCH, EXPORT, LIST, REPORT, RUN, report_summary
 from .data import DATASETS
 from .losses import LOSSES
 from .models import MODELS
@@ -13,7 +13,7 @@ from .schedules import SCHEDULES
 PART = Part(
     name="core",
     registries={"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "schedules": SCHEDULES},
-    commands=(RUN, LIST, EXPORT, REPORT),
+    commands=(RUN, LIST, EXPORT, REPORT, BENCH),
     report=report_summary,
     doc="the discrete run, the zoo of models, data, losses and schedules, the trajectory store",
 )

@@ -180,6 +180,20 @@ def points(values: Sequence[Sequence[float]] | None = None, dim: int | None = No
     return Data(X, torch.zeros(len(X), dtype=torch.float64), None, "points")
 
 
+@DATASETS.register("synthetic_images")
+def synthetic_images(n: int = 512, channels: int = 3, size: int = 64, classes: int = 200, seed: int = 0) -> Data:
+    """Gaussian images (n, channels, size, size) labelled by a random linear teacher (``classes``
+    classes): Tiny-ImageNet's shapes (3 × 64 × 64, 200 classes) with nothing to download."""
+    for name, v, lo in (("n", n, 1), ("channels", channels, 1), ("size", size, 1), ("classes", classes, 2)):
+        if not isinstance(v, int) or v < lo:
+            raise ConfigError(f"data.{name}", v, f"expected an integer >= {lo}")
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, channels, size, size)).astype(np.float32)
+    W = rng.standard_normal((channels * size * size, classes)).astype(np.float32)
+    y = (X.reshape(n, -1) @ W).argmax(1)
+    return Data(torch.as_tensor(X), torch.as_tensor(y, dtype=torch.long), classes, "synthetic_images")
+
+
 @DATASETS.register("whitened")
 def whitened(n: int = 64, dim: int = 2, seed: int = 0) -> Data:
     """``n`` points γ_i in R^dim whitened to mean exactly 0 and covariance exactly I ((1/n)Σγγᵀ = I),

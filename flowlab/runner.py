@@ -111,6 +111,10 @@ class Run:
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "device": str(self.problem.device),
             "dtype": str(self.problem.dtype).replace("torch.", ""),
+            "tf32": int(bool(torch.backends.cuda.matmul.allow_tf32 and self.problem.device.type == "cuda")),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "device_name": (torch.cuda.get_device_name(self.problem.device) if self.problem.device.type == "cuda"
+                            else platform.processor() or platform.machine()),
             "n_examples": self.problem.n,
             "n_params": self.problem.dim,
         }

@@ -220,3 +220,17 @@ def test_a_killed_worker_does_not_lose_or_recompute_points(tmp_path):
     ds = result["ds"]
     assert (ds.sweep_status.values == "ok").all()
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+
+
+def test_gpu_check_study_runs_tiny_on_the_cpu(tmp_path):
+    """studies/gpu_check.toml (VGG-16, Tiny-ImageNet shapes, every recorder, GF and IGR) at toy size on
+    the CPU; the float32 / TF32 choices are in the attrs."""
+    from flowlab.config import load_study
+
+    study = load_study(Path(__file__).resolve().parents[1] / "studies" / "gpu_check.toml", [
+        "study.device=\"cpu\"", "data.n=8", "data.size=32", "data.classes=10", "model.width=0.0625",
+        "model.classifier=[16, 16]", "optimizer.steps=2", "optimizer.batch_size=4", "record.every=1"])
+    ds = flowlab.run(study, tmp_path / "gpu")
+    assert list(ds.status.values) == ["ok", "ok", "ok"] and set(ds.dynamics.values) == {"sgd", "gf", "igr"}
+    assert ds.attrs["tf32"] == 0 and ds.attrs["dtype"] == "float32" and "float32_matmul_precision" in ds.attrs
+    assert {"quantity", "theory", "flow_law", "projection"} <= set(ds.data_vars)
