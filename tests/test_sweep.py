@@ -234,3 +234,19 @@ def test_gpu_check_study_runs_tiny_on_the_cpu(tmp_path):
     assert list(ds.status.values) == ["ok", "ok", "ok"] and set(ds.dynamics.values) == {"sgd", "gf", "igr"}
     assert ds.attrs["tf32"] == 0 and ds.attrs["dtype"] == "float32" and "float32_matmul_precision" in ds.attrs
     assert {"quantity", "theory", "flow_law", "projection"} <= set(ds.data_vars)
+
+
+def test_a_sweep_of_ensembles(tmp_path, capsys):
+    """Points that are ensembles keep their ``sample`` dim in the sweep's Dataset; the report averages it."""
+    path = _study(tmp_path, sweep='[sweep]\n"optimizer.lr" = [0.1, 0.05]\n', extra='[ensemble]\nsize = 3\n')
+    text = path.read_text().replace("batch_size = 20", "batch_size = 20\nsampling = \"with_replacement\"")
+    text = text.replace('name = "gradient_flow"\nintegrator = "flowlab:rk4"\nlabel = "gf"', 'name = "sme"\nlabel = "sme"')
+    path.write_text(text)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--out", str(out), "--workers", "2"]) == 0
+    ds = flowlab.open_result(out)
+    assert ds.loss.dims == ("lr", "dynamics", "sample", "time") and ds.sizes["sample"] == 3
+    assert float(ds.loss.sel(dynamics="sme").isel(time=-1).std("sample").max()) > 0  # SME paths differ
+    capsys.readouterr()
+    assert main(["report", str(out), "--no-figures"]) == 0
+    assert "ensemble of 3 replicas" in capsys.readouterr().out

@@ -113,6 +113,12 @@ def report_sweep(request: Any) -> list:
 
     ds = request.dataset
     console = request.console
+    if "sample" in ds.dims:  # points that are ensembles: the per-point figures are means over the replicas
+        status = ds.sweep_status
+        ds = ds.drop_vars("sweep_status").mean("sample", keep_attrs=True)
+        ds["sweep_status"] = status
+        console.print(f"each point an ensemble of {request.dataset.sizes['sample']} replicas: means over them",
+                      highlight=False)
     rows = point_rows(ds)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     table = Table(title=f"sweep {ds.attrs.get('study_name', '')}: {len(rows)} points ({ds.attrs.get('sweep_alignment', '')})")
