@@ -74,6 +74,8 @@ def flows_figures() -> list[Figure]:
     for name, r, _lo, _hi in bench_hvp(2):
         if any(k in name for k in ("HVP double backward", "forward-over-reverse", "graph kept")):
             out.append(Figure(f"HVP ÷ gradient (torch): {name}", r, "(baseline: raw autograd)", None))
+        elif "engine gradient" in name:
+            out.append(Figure(f"gradient ÷ raw gradient (torch): {name}", r, "≤ 1.10", _le(r, 1.10)))
         elif "at the θ of" in name:
             out.append(Figure(f"HVP ÷ gradient (torch): {name}", r, "≤ 2.0", _le(r, 2.0)))
         elif "IGR field" in name and "graph reuse" in name:
