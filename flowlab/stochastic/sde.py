@@ -32,6 +32,7 @@ import torch
 
 from ..errors import ConfigError
 from ..flows.base import FORCED, Flow, Hyper, Law, grad_l, hvp_l
+from ..flows.library import MomentumSecondOrder
 from .noise import DIFFUSIONS, MODELLED, NoiseSource, noise_constant
 
 SDE_SAMPLING = ("with_replacement", "without_replacement")
@@ -192,27 +193,18 @@ class SME2(StochasticFlow):
         return Law(FORCED, rate=2 * lam * (1 + eta * lam / 2), gain=eta)
 
 
-class SMEMomentum(StochasticFlow):
+class SMEMomentum(StochasticFlow, MomentumSecondOrder):
     """Heavy ball's SDE, second-order form: (η(1+β)/2)θ'' + (1−β)θ' = −∇L_λ + (ηΣ_B)^{1/2}Ẇ, i.e.
     dθ = u dt, m du = (−∇L_λ − c u) dt + (ηΣ_B)^{1/2} dW with m = η(1+β)/2, c = 1−β, u(0) =
-    −∇L_λ(θ0)/(1+β) (weak order 1; no time shift)."""
+    −∇L_λ(θ0)/(1+β) (weak order 1; no time shift).  The drift, mass, damping and start are
+    ``momentum_second_order``'s own."""
 
     name = "sme_momentum"
     order = 1
     weak_order = 1
-    state_size = 2
-    discrete = "heavy_ball"
 
-    def mass_damping(self, hp: Hyper) -> tuple[float, float]:
-        return 0.5 * hp.lr * (1.0 + hp.momentum), 1.0 - hp.momentum
-
-    def initial_state(self, theta0, ops, hp):
-        return (theta0, (-1.0 / (1.0 + hp.momentum)) * grad_l(ops, theta0, hp))
-
-    def vector_field(self, t, state, ops, hp):
-        theta, u = state
-        m, c = self.mass_damping(hp)
-        return (u, (-1.0 / m) * (grad_l(ops, theta, hp) + c * u))
+    def law(self, hp):
+        return None  # the oscillator law along a noisy path is derived in the docs, not implemented
 
     def diffusion(self, t, state, ops, hp, v, noise=None):
         m, _ = self.mass_damping(hp)
