@@ -236,6 +236,14 @@ class Rows:
         else:
             self.data[name][index, row] = value
 
+    def put_rows(self, name: str, index: int | None, rows: list[int], values: torch.Tensor) -> None:
+        """Store ``values`` (len(rows), *shape) in several rows of this chunk at once."""
+        at = torch.as_tensor(rows, dtype=torch.long, device=self.data[name].device)
+        if index is None:
+            self.data[name].index_copy_(0, at, values.to(self.data[name].dtype))
+        else:
+            self.data[name][index].index_copy_(0, at, values.to(self.data[name].dtype))
+
     @property
     def full(self) -> bool:
         return self.n >= self.capacity

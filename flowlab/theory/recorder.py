@@ -5,8 +5,9 @@ group under each variant of :mod:`flowlab.theory.predict` (coordinate ``variant`
 as ``quantity``.  The predictions are driven by the gradient terms of EVERY update (taken from the
 symmetry recorder it is given, which runs before it, so nothing is computed twice) and, with momentum, by
 the buffer's V_{k+1} = |v_{A,k+1}|² (rescale: A1 − A2).  Updates between two rows are buffered on the
-device and applied when a chunk of rows is flushed (one host transfer; runs of equal η by matrix
-powers), so the per-step cost is two small copies.
+device by the symmetry recorder, handed over a block at a time (:meth:`SymmetryRecorder.listen`) and
+applied when a chunk of rows is flushed (runs of equal η by matrix powers; every marked row's
+prediction in one vectorised evaluation), so the theory costs nothing per step.
 
 ``flow_law`` (dynamics, time, symmetry_group): for each integrated flow with a law
 (:mod:`flowlab.theory.flowlaws`), the quantity that law predicts along the flow's own trajectory,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowlab.recording import Point, Recorder, Rows, RunContext, StepInfo, Variable
+from flowlab.recording import Point, Recorder, Rows, RunContext, Variable
 from flowlab.symmetry.recorder import SymmetryRecorder
 
 from .flowlaws import FlowLaws
@@ -38,6 +39,9 @@ class TheoryRecorder(Recorder):
         self.variants = self.requested or variants_for(opt.momentum)
         self.momentum = opt.momentum > 0
         G = len(self.sym.groups)
+        if not getattr(self, "_listening", False):  # before the symmetry recorder's start: it stages W for us
+            self.sym.listen(self._terms, want_W=self.momentum)
+            self._listening = True
         notes = {
             "long_name": "predicted quantity per symmetry group (Kunin et al. 2021)",
             "variants": "see flowlab.theory.predict",
@@ -57,47 +61,45 @@ class TheoryRecorder(Recorder):
         self.samples = ctx.samples
         self.predictors = [Predictor(kinds, q0, opt.weight_decay, opt.momentum, opt.dampening, opt.nesterov,
                                      self.variants) for _ in range(self.samples)]
-        n = len(self.sym.groups)
-        lead = (self.samples,) if self.samples > 1 else ()
-        self.G = torch.zeros(self.capacity, *lead, n, dtype=torch.float64, device=proj.device)
-        self.W = torch.zeros_like(self.G) if self.momentum else None
-        self.etas: list[float] = []
-        self.marks: list[tuple[int, int]] = []  # (row in the current chunk, updates buffered before it)
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.n_pending = 0
+        self.marks: list[tuple[int, int]] = []  # (row in the current chunk, step k of that row)
+        self._rows: Rows | None = None
 
-    def before_update(self, info: StepInfo) -> None:
-        if len(self.etas) == self.capacity:
+    def _terms(self, steps: np.ndarray, etas: np.ndarray, G: np.ndarray, W: np.ndarray | None) -> None:
+        """A block of updates from the symmetry recorder (steps in order, none skipped)."""
+        self.blocks.append((steps, etas, G, W if self.momentum else None))
+        self.n_pending += len(steps)
+        if self.n_pending >= self.capacity:
             self._drain(self._rows)
-        self.G[len(self.etas)].copy_(self.sym.G)
-
-    def after_update(self, info: StepInfo) -> None:
-        if self.W is not None:
-            self.W[len(self.etas)].copy_(self.sym.projector.quad(info.buf))
-        self.etas.append(info.lr)
 
     def _drain(self, rows: Rows | None) -> None:
-        """Apply the buffered updates, writing the prediction at every marked row on the way."""
-        n = len(self.etas)
-        G = self.G[:n].cpu().numpy() if n else None
-        W = self.W[:n].cpu().numpy() if (n and self.W is not None) else None
-        done = 0
-        for row, upto in self.marks:
-            if upto > done:
-                self._advance(done, upto, G, W)
-                done = upto
-            pred = [p.predict_numpy() for p in self.predictors]
-            rows.put_at("theory", None, row, torch.from_numpy(pred[0] if self.samples == 1 else np.stack(pred)))
-        if n > done:
-            self._advance(done, n, G, W)
-        self.marks.clear()
-        self.etas.clear()
-
-    def _advance(self, a: int, b: int, G, W) -> None:
-        etas = self.etas[a:b]
+        """Apply the delivered updates, writing the prediction at every marked row on the way."""
+        if self.blocks:
+            steps = np.concatenate([b[0] for b in self.blocks])
+            etas = np.concatenate([b[1] for b in self.blocks])
+            G = np.concatenate([b[2] for b in self.blocks])
+            W = np.concatenate([b[3] for b in self.blocks]) if self.blocks[0][3] is not None else None
+        else:
+            steps, etas, G, W = np.zeros(0, np.int64), np.zeros(0), None, None
+        first = self.predictors[0].k
+        if len(steps) and steps[0] != first:
+            raise RuntimeError(f"theory: updates from step {steps[0]} delivered after step {first}")
+        at = [k - first for _, k in self.marks]
+        if any(a < 0 or a > len(steps) for a in at):
+            raise RuntimeError("theory: a marked row lies outside the delivered updates")
+        etas_l = etas.tolist()
         if self.samples == 1:
-            self.predictors[0].advance(etas, G[a:b], None if W is None else W[a:b])
-            return
-        for s, p in enumerate(self.predictors):
-            p.advance(etas, G[a:b, s], None if W is None else W[a:b, s])
+            preds = self.predictors[0].advance_marked(etas_l, G, W, at)
+        else:
+            per = [p.advance_marked(etas_l, None if G is None else G[:, s], None if W is None else W[:, s], at)
+                   for s, p in enumerate(self.predictors)]
+            preds = np.stack(per, axis=1)  # (marks, sample, variant, group)
+        if self.marks:
+            rows.put_rows("theory", None, [m[0] for m in self.marks], torch.from_numpy(preds))
+        self.marks.clear()
+        self.blocks.clear()
+        self.n_pending = 0
 
     @property
     def predictor(self) -> Predictor:
@@ -105,13 +107,14 @@ class TheoryRecorder(Recorder):
         return self.predictors[0]
 
     def before_flush(self, rows: Rows) -> None:
+        self.sym.settle(rows)
         self._drain(rows)
 
     def record(self, rows: Rows, point: Point) -> None:
         if point.index != 0:
             return
         self._rows = rows
-        self.marks.append((rows.row, len(self.etas)))
+        self.marks.append((rows.row, point.step))
 
 
 class FlowLawRecorder(Recorder):
