@@ -36,6 +36,10 @@ def positive_int(v: Any) -> str | None:
     return None if _is_int(v) and v > 0 else "expected a positive integer"
 
 
+def chunk_size(v: Any) -> str | None:
+    return None if v == "auto" or (_is_int(v) and v > 0) else 'expected a positive integer or "auto"'
+
+
 def nonneg_int(v: Any) -> str | None:
     return None if _is_int(v) and v >= 0 else "expected an integer >= 0"
 
@@ -129,7 +133,9 @@ class NamedSection:
 
 @dataclass(frozen=True)
 class DataSection(NamedSection):
-    chunk_size: int | None = None
+    #: examples per chunk of the full-batch functions: None (the whole dataset on CPU, "auto" on a
+    #: GPU), a positive integer, or "auto" (as many as fit in half the free memory: Problem)
+    chunk_size: int | str | None = None
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -349,7 +355,7 @@ def parse_study(raw: Mapping[str, Any], source: str | None = None, parts: Parts 
     study = Study(
         study=_typed(StudySection, "study", raw.get("study", {})),
         model=_named(NamedSection, "model", raw["model"]),
-        data=_named(DataSection, "data", raw["data"], chunk_size=optional(positive_int)),
+        data=_named(DataSection, "data", raw["data"], chunk_size=optional(chunk_size)),
         loss=_named(LossSection, "loss", raw.get("loss", {}), default_name=_default_loss(raw),
                     hvp=one_of("auto", "forward_over_reverse", "double_backward")),
         optimizer=optimizer,

@@ -12,6 +12,7 @@ statistics).  Buffers such as BatchNorm running statistics are not parameters.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -218,6 +219,20 @@ class GradGraph:
         return self._flat(parts, v)
 
 
+def free_memory(device: torch.device) -> float:
+    """Free bytes on ``device``: CUDA's free memory, else the host's available memory."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 class Problem:
     """loss / grad / hvp of a model on data, as functions of one flat θ.
 
@@ -246,9 +261,14 @@ class Problem:
         self.data = data.to(self.device, dtype)
         self.X, self.y = self.data.X, self.data.y
         self.n = len(self.data)
-        self.chunk_size = int(chunk_size) if chunk_size else self.n
-        if self.chunk_size <= 0:
-            raise ConfigError("data.chunk_size", chunk_size, "expected a positive integer")
+        if chunk_size is None and self.device.type == "cuda":
+            chunk_size = "auto"
+        self.chunk_auto = chunk_size == "auto"
+        if not self.chunk_auto:
+            if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                           or chunk_size <= 0):
+                raise ConfigError("data.chunk_size", chunk_size, 'expected a positive integer or "auto"')
+        self.chunk_size = self.n if (chunk_size is None or self.chunk_auto) else int(chunk_size)
         self.layout = ParamLayout.from_module(self.module)
         self.dim = self.layout.size
         if self.dim == 0:
@@ -268,6 +288,67 @@ class Problem:
         #: (the symmetry groups, the JAX twins): they live and die with the problem
         self.derived: dict[str, Any] = {}
         self._norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.chunk_auto:
+            self.chunk_size = self.auto_chunk_size()
+
+    # ------------------------------------------------------------ memory
+    #: the share of the free memory the full-batch functions may fill
+    CHUNK_MEMORY_FRACTION = 0.5
+    #: the dearest full-batch pass (HVP, third-derivative terms) ÷ a gradient pass, in memory
+    CHUNK_PASS_FACTOR = 3.0
+
+    def example_bytes(self, probe: int = 16) -> float:
+        """Memory one example takes in a gradient pass (activations kept for backward).
+
+        On CUDA it is measured (peak allocation of a pass on ``probe`` examples); elsewhere it is
+        estimated from the outputs of every leaf module in a forward pass (each kept for backward),
+        which is what autograd holds for the usual layers."""
+        probe = max(1, min(probe, self.n))
+        batch = (self.X[:probe], self.y[:probe])
+        counts = dict(self.counts)
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                self.loss_and_grad_(self._theta, batch)
+                torch.cuda.synchronize(self.device)
+                used = torch.cuda.max_memory_allocated(self.device) - base
+            else:
+                total = [0]
+
+                def hook(_m, _inp, out):
+                    for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                        if isinstance(t, torch.Tensor):
+                            total[0] += t.numel() * t.element_size()
+
+                handles = [m.register_forward_hook(hook) for m in self.module.modules() if not any(m.children())]
+                try:
+                    with torch.no_grad():
+                        self._loss_on_module(batch)
+                finally:
+                    for h in handles:
+                        h.remove()
+                used = 2 * total[0]  # kept for backward, and the gradients flowing back
+        finally:
+            self.counts = counts
+        return max(float(used), 1.0) / probe
+
+    def auto_chunk_size(self, free_bytes: float | None = None) -> int:
+        """Examples per chunk so that the dearest full-batch pass fills at most
+        ``CHUNK_MEMORY_FRACTION`` of the free memory (``free_bytes``: measured when None — CUDA's
+        free memory, or the host's available memory)."""
+        if free_bytes is None:
+            free_bytes = free_memory(self.device)
+        per = self.example_bytes() * self.CHUNK_PASS_FACTOR
+        size = int(max(1, min(self.n, (self.CHUNK_MEMORY_FRACTION * free_bytes) // per)))
+        if size < self.n and self._norms:
+            import warnings
+
+            warnings.warn(f"data.chunk_size = 'auto' splits the full batch into chunks of {size} examples: "
+                          "with BatchNorm every chunk is normalised with its own statistics, so full-batch values "
+                          "depend on the chunk size (set data.chunk_size to fix it)", stacklevel=2)
+        return size
 
     # ----------------------------------------------------------------- batches
     def batch(self, index: torch.Tensor | slice | None = None) -> Batch:

@@ -117,6 +117,8 @@ class Run:
                             else platform.processor() or platform.machine()),
             "n_examples": self.problem.n,
             "n_params": self.problem.dim,
+            "chunk_size": int(self.problem.chunk_size),
+            "chunk_size_rule": "auto (half the free memory)" if self.problem.chunk_auto else "study",
         }
 
     def _recorders(self, contribution: Contribution) -> list[Recorder]:

@@ -139,3 +139,36 @@ def test_mse_and_float32():
     # ½ squared error summed over outputs, mean over the batch: float32 round-off of a 40-term sum
     assert torch.allclose(loss, 0.5 * ((out - p.y) ** 2).sum(1).mean(), rtol=40 * 2.0**-24, atol=0)
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+def test_auto_chunk_size_fits_the_free_memory(monkeypatch):
+    """``data.chunk_size = "auto"`` (issue 12 item 4): as many examples per chunk as fit in half the
+    free memory at CHUNK_PASS_FACTOR × the per-example bytes of a gradient pass; the whole dataset
+    when it fits.  Chunks change no full-batch number (beyond round-off) on a model without
+    BatchNorm; with BatchNorm, splitting is warned (each chunk has its own statistics)."""
+    import flowlab.problem as problem_mod
+
+    whole = _problem()
+    per = whole.example_bytes()
+    # outputs of the leaf modules of the tanh MLP on 6 inputs: 8 + 8 + 8 + 8 + 3 (+ a flatten), kept twice
+    assert 2 * 8 * (8 + 8 + 8 + 8 + 3) <= per <= 2 * 8 * (8 + 8 + 8 + 8 + 3 + 6 + 1)
+    need = per * Problem.CHUNK_PASS_FACTOR / Problem.CHUNK_MEMORY_FRACTION
+    assert whole.auto_chunk_size(free_bytes=need * 1e6) == 60  # fits: one chunk
+    assert whole.auto_chunk_size(free_bytes=need * 13.5) == 13
+    assert whole.auto_chunk_size(free_bytes=1.0) == 1
+
+    monkeypatch.setattr(problem_mod, "free_memory", lambda device: need * 9.2)
+    auto = _problem(chunk_size="auto")
+    assert auto.chunk_auto and auto.chunk_size == 9 and len(list(auto.chunks())) == math.ceil(60 / 9)
+    assert auto.counts["grad"] == 0  # the probe is not counted
+    theta = whole.theta0 + 0.05
+    l1, g1 = whole.full_loss_and_grad(theta)
+    l2, g2 = auto.full_loss_and_grad(theta)
+    assert torch.allclose(g1, g2, rtol=0, atol=1e-14 * g1.abs().max())
+    assert abs(float(l1) - float(l2)) < 1e-14
+
+    bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        _problem(model=bn, chunk_size="auto")
+    with pytest.raises(ValueError, match="data.chunk_size"):
+        _problem(chunk_size="big")
