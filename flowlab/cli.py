@@ -24,11 +24,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, args.set or (), args.parts)
     out = Path(args.out) if args.out else default_out(study)
-    runner = Run(study, out, overwrite=args.overwrite, progress=not args.quiet)
+    if args.resume and args.overwrite:
+        print("flowlab: error: --resume continues the run in the output folder, --overwrite replaces it: "
+              "give one", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    runner = Run(study, out, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
     try:
         ds = runner.execute()
-    except KeyboardInterrupt:
-        print(f"flowlab: interrupted; what was recorded is kept in {out}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        step = getattr(exc, "step", None)
+        again = " ".join(["flowlab run", args.study, "--out", str(out), *[f"--set {s}" for s in (args.set or [])],
+                          "--resume"])
+        if getattr(exc, "checkpointed", False):
+            print(f"flowlab: stopped before update {step}; rows so far and a checkpoint are in {out}.\n"
+                  f"Resume with: {again}", file=sys.stderr)
+        else:
+            print(f"flowlab: interrupted; what was recorded is kept in {out}"
+                  + (f" (resume from the last checkpoint, if any: {again})" if (out / "checkpoint.pt").exists() else ""),
+                  file=sys.stderr)
         return 130
     _print_summary(ds, out)
     return 0
@@ -99,6 +112,8 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a study key, e.g. optimizer.lr=0.1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint (same study; [checkpoint] sets how often)")
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:

@@ -198,6 +198,10 @@ class LockStep:
             h: [r for r in self.recorders if r.overrides(h)]
             for h in ("before_update", "after_update", "record", "snapshot", "before_flush")}
         self._info: StepInfo | None = None
+        #: takes checkpoints at safe points (:class:`flowlab.checkpoint.Checkpointer`; None: none)
+        self.checkpointer: Any = None
+        #: set (by a signal handler) to stop at the next safe point, after a checkpoint
+        self.stop_requested = False
 
     # ----------------------------------------------------------------- the steps
     def advance(self, k: int, record: bool) -> bool:
@@ -299,14 +303,27 @@ class LockStep:
             self.recording.sink.set(self.summarise().arrays())
 
     # --------------------------------------------------------------------- loop
-    def run(self) -> Summary:
-        """Advance, record, snapshot and update from k = 0 to K; flush and summarise at the end
+    def safe_point(self, k_next: int, ri: int, si: int) -> None:
+        """After update k_next − 1: every row so far is flushed, then a checkpoint is taken when one
+        is due or a stop was requested; a requested stop then raises :class:`Interrupted`."""
+        cp = self.checkpointer
+        if self.stop_requested or (cp is not None and cp.due(k_next)):
+            self.flush(self.recording.rows)
+            self.flush(self.recording.snaps)
+            self._set_summary()
+            if cp is not None and cp.enabled:
+                cp.save(self, k_next, ri, si)
+        if self.stop_requested:
+            raise Interrupted(k_next, cp is not None and cp.enabled)
+
+    def run(self, start: int = 0, ri: int = 0, si: int = 0) -> Summary:
+        """Advance, record, snapshot and update from k = ``start`` (0, or a checkpoint's next step
+        with its record and snapshot positions ``ri``, ``si``) to K; flush and summarise at the end
         (also after a divergence or an interruption)."""
         clock, d = self.clock, self.discrete
         K, record, snap = clock.steps, clock.record, clock.snapshot
-        ri = si = 0
         try:
-            for k in range(K + 1):
+            for k in range(start, K + 1):
                 recording = ri < len(record) and k == record[ri]
                 diverged = self.advance(k, recording)
                 if recording or diverged:
@@ -324,6 +341,8 @@ class LockStep:
                 self.update(k)
                 if self.progress is not None and d is not None:
                     self.progress.update(k + 1, d.loss)
+                if self.checkpointer is not None or self.stop_requested:
+                    self.safe_point(k + 1, ri, si)
             if self.status == "running":
                 self.status = "ok"
         except KeyboardInterrupt:
@@ -340,6 +359,15 @@ class LockStep:
             self.flush(self.recording.snaps)
             self._set_summary()
         return self.summarise()
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped at a safe point on request (Ctrl-C, SIGTERM): ``step`` is the next update,
+    ``checkpointed`` whether a checkpoint was written there."""
+
+    def __init__(self, step: int, checkpointed: bool):
+        super().__init__(f"stopped before update {step}")
+        self.step, self.checkpointed = step, checkpointed
 
 
 def drive(followers: Sequence[Dynamics], times: Sequence[float], recorders: Sequence[Recorder],

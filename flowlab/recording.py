@@ -297,6 +297,15 @@ class Recorder:
     def before_flush(self, rows: Rows) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep of this recorder, taken right after a flush (nothing of the
+        flushed rows is pending): accumulators, generators (:mod:`flowlab.checkpoint`).  A recorder
+        whose state is rebuilt by ``start`` keeps nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def overrides(self, hook: str) -> bool:
         return getattr(type(self), hook) is not getattr(Recorder, hook)
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,8 +92,9 @@ class Run:
 
     def __init__(self, study: Study, out: str | Path | None = None, *, overwrite: bool = False,
                  progress: bool = False, recorders: Sequence[Recorder] = (), built: Built | None = None,
-                 flows: Sequence[Any] = (), parts: Sequence[Part] = ()):
+                 flows: Sequence[Any] = (), parts: Sequence[Part] = (), resume: bool = False):
         self.study = study
+        self.resume = resume
         self.out = Path(out) if out is not None else default_out(study)
         self.overwrite = overwrite
         self.show_progress = progress
@@ -164,20 +168,38 @@ class Run:
         for r in recorders:
             r.start(ctx)
 
+        from .checkpoint import NAME, Checkpointer, check_study, checkpoint_section, read
+
+        ckpt_path = self.out / NAME
+        payload = None
+        if self.resume:
+            payload = read(ckpt_path)
+            check_study(ckpt_path, payload, study.to_dict())
         self.out.mkdir(parents=True, exist_ok=True)
         attrs = self._attrs()
         attrs["seeds"] = json.dumps(self._seeds)
         attrs["seeds_note"] = ("every random stream's seed, derived from study.seed (flowlab.seeds.derive_seed): "
                                "sgd replicas' batch orders, each stochastic flow's paths")
         attrs["ensemble_size"] = samples
-        writer = TrajectoryWriter(self.out / STORE_NAME, variables, labels, attrs, rec.chunk, self.overwrite)
-        (self.out / "study.json").write_text(json.dumps(study.to_dict(), indent=2) + "\n")
+        if payload is not None:
+            writer = TrajectoryWriter.reopen(self.out / STORE_NAME, variables, labels, payload["store"])
+        else:
+            writer = TrajectoryWriter(self.out / STORE_NAME, variables, labels, attrs, rec.chunk, self.overwrite)
+            (self.out / "study.json").write_text(json.dumps(study.to_dict(), indent=2) + "\n")
         recording = Recording(variables, len(labels), rec.chunk, problem.device,
                               problem.dim * problem.theta0.element_size(), sink=writer)
         bar = Progress(opt.steps, self.show_progress, study.name)
         engine = LockStep(clock, sgd, followers, recorders, recording, progress=bar, device=problem.device)
+        cp = Checkpointer(ckpt_path, checkpoint_section(study), study.to_dict(), discrete=sgd, followers=followers,
+                          recorders=[r for r in recorders if not any(r is x for x in self.extra_recorders)],
+                          problem=problem, writer=writer)
+        engine.checkpointer = cp
+        start = cp.restore(engine, payload) if payload is not None else (0, 0, 0)
+        self.engine = engine
         try:
-            engine.run()
+            with _stop_on_signals(engine):
+                engine.run(*start)
+            cp.remove()
         finally:
             bar.close()
             writer.close()
@@ -189,9 +211,39 @@ class Run:
         return open_result(self.out)
 
 
+class _stop_on_signals:
+    """Inside, SIGTERM and a first Ctrl-C ask the engine to stop at its next safe point (after a
+    checkpoint); a second Ctrl-C stops at once.  Only in the main thread (elsewhere: nothing)."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.saved: dict = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.engine.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.engine.stop_requested = True
+        print(f"flowlab: {signal.Signals(signum).name}: stopping after this update (a checkpoint is written "
+              "first; Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self.saved[sig] = signal.signal(sig, self._handler)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+        return False
+
+
 def run(study: Study | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
         progress: bool = False, recorders: Sequence[Recorder] = (), overrides: Sequence[str] = (),
-        flows: Sequence[Any] = (), parts: Sequence[Part] = ()) -> xr.Dataset:
+        flows: Sequence[Any] = (), parts: Sequence[Part] = (), resume: bool = False) -> xr.Dataset:
     """Run a study (a :class:`Study` or the path of its TOML file); return its Dataset.
 
     ``flows``: continuous models as objects, besides the study's ``[[flows]]``
@@ -205,4 +257,4 @@ def run(study: Study | str | Path, out: str | Path | None = None, *, overwrite: 
     elif overrides:
         study = study.with_overrides(overrides)
     return Run(study, out, overwrite=overwrite, progress=progress, recorders=recorders, flows=flows,
-               parts=parts).execute()
+               parts=parts, resume=resume).execute()

@@ -54,6 +54,17 @@ class BatchSampler:
         self._perm: torch.Tensor | None = None
         self._pos = 0
 
+    def state_dict(self) -> dict:
+        """The generator and the epoch position (:mod:`flowlab.checkpoint`)."""
+        from .checkpoint import attrs_state
+
+        return attrs_state(self, ("generator", "_perm", "_pos"))
+
+    def load_state_dict(self, state: dict) -> None:
+        from .checkpoint import load_attrs
+
+        load_attrs(self, state)
+
     def next(self) -> torch.Tensor | None:
         if self.full:
             return None
@@ -92,6 +103,20 @@ class DiscreteSGD:
         self.batch: Batch | None = None
         self.n_grad_evals = 0
         self._own_grad: torch.Tensor | None = None
+
+    #: what a checkpoint keeps of the discrete run (:mod:`flowlab.checkpoint`); taken after an
+    #: update, when the loss, gradient and batch are the next ``evaluate``'s to compute
+    STATE = ("theta", "buf", "step", "n_grad_evals", "sampler")
+
+    def state_dict(self) -> dict:
+        from .checkpoint import attrs_state
+
+        return attrs_state(self, self.STATE)
+
+    def load_state_dict(self, state: dict) -> None:
+        from .checkpoint import load_attrs
+
+        load_attrs(self, state)
 
     def evaluate(self) -> None:
         """Draw the next batch and evaluate the batch loss and gradient at θ_k."""

@@ -14,7 +14,7 @@ import queue
 import shutil
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,49 @@ class TrajectoryWriter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="flowlab-writer", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def reopen(cls, path: str | Path, variables: Sequence[Variable], labels: Sequence[str],
+               rows: Mapping[str, int]) -> TrajectoryWriter:
+        """The writer of an existing store, cut back to ``rows`` along ``time`` and ``snapshot``
+        (a checkpoint's position: rows written after it are dropped, and written again by the
+        resumed run).  Chunk and metadata files are written atomically by zarr's local store
+        (temporary file, rename), so a process killed mid-write leaves every earlier row intact."""
+        import zarr
+
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        if not (self.path / ".zgroup").is_file():
+            raise FlowlabError(f"{self.path}: no trajectory store to resume (run without --resume)")
+        self.labels = list(labels)
+        self.variables = {v.name: v for v in variables}
+        stale = self.path / ".zmetadata"  # consolidated at the interrupted run's close: rewritten at ours
+        if stale.exists():
+            stale.unlink()
+        self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=2, use_consolidated=False)
+        for dim, names in (("time", ("time", "step")), ("snapshot", ("snapshot", "snapshot_step"))):
+            n = int(rows[dim])
+            arrays = [(name, 0) for name in names]
+            arrays += [(v.name, v.axis) for v in variables if v.grows_along == dim]
+            for name, axis in arrays:
+                try:
+                    arr = self.group[name]
+                except KeyError:
+                    raise FlowlabError(f"{self.path}: variable {name!r} is missing; the store does not belong to "
+                                       "this run") from None
+                if arr.shape[axis] < n:
+                    raise FlowlabError(f"{self.path}: {name} has {arr.shape[axis]} rows, the checkpoint "
+                                       f"{n}: the store is older than the checkpoint")
+                if arr.shape[axis] != n:
+                    shape = list(arr.shape)
+                    shape[axis] = n
+                    arr.resize(tuple(shape))
+        self.rows_written = {"time": int(rows["time"]), "snapshot": int(rows["snapshot"])}
+        self._queue = queue.Queue(maxsize=4)
+        self._error = None
+        self._thread = threading.Thread(target=self._work, name="flowlab-writer", daemon=True)
+        self._thread.start()
+        return self
 
     # ---------------------------------------------------------------- thread
     def _work(self) -> None:

@@ -316,6 +316,41 @@ class _PublicSolver:
         return y
 
 
+def solver_state(solver: Any) -> dict:
+    """What a checkpoint keeps of an adaptive solver: the fast path's torchdiffeq Runge–Kutta state
+    (y1, f1, t0, t1, dt, interpolation coefficients) and grid indices; the public path's (t, y)."""
+    from ..checkpoint import pack
+
+    if isinstance(solver, _FastSolver):
+        inner = solver.solver
+        rk = inner.rk_state
+        out = {"kind": "fast", "rk_state": pack(tuple(rk[:5])), "interp_coeff": pack(list(rk.interp_coeff))}
+        for name in ("next_step_index", "next_jump_index"):
+            if hasattr(inner, name):
+                out[name] = int(getattr(inner, name))
+        return out
+    return {"kind": "public", "t": solver.t, "y": pack(solver.y)}
+
+
+def load_solver_state(solver: Any, state: dict) -> None:
+    """Restore :func:`solver_state` into a solver built the same way."""
+    from ..checkpoint import unpack
+
+    if state["kind"] == "fast":
+        if not isinstance(solver, _FastSolver):
+            raise RuntimeError("checkpoint: saved by torchdiffeq's fast path, resumed on the public fallback")
+        inner = solver.solver
+        parts = unpack(state["rk_state"])
+        coeff = unpack(state["interp_coeff"])
+        dev = solver.device
+        inner.rk_state = type(inner.rk_state)(*(p.to(dev) for p in parts), [c.to(dev) for c in coeff])
+        for name in ("next_step_index", "next_jump_index"):
+            if name in state:
+                setattr(inner, name, int(state[name]))
+        return
+    solver.t, solver.y = float(state["t"]), unpack(state["y"]).to(solver.y.device)
+
+
 def adaptive_solver(func: Callable, y0: torch.Tensor, t0: float, *, rtol: float, atol: float, method: str,
                     options: dict | None = None, on_accept: Callable[[], Any] | None = None) -> Any:
     """An adaptive solver of dy/dt = func(t, y) from the flat state ``y0`` at ``t0`` (see the module

@@ -92,6 +92,7 @@ class FlowFollower:
         self._nfe_before = 0
         self._steps_before = 0
         self._state0: tuple | None = None
+        self._session_t0 = 0.0
 
     @classmethod
     def from_spec(cls, spec: FlowSpec, built: Any, index: int = 0, laws: Any = None) -> FlowFollower:
@@ -211,6 +212,63 @@ class FlowFollower:
             self._nfe_before += self.session.nfe
             self._steps_before += int(getattr(self.session, "steps", 0))
         self.session = self.integrator.start(self.flow, self.ops, self._hp(t0), t0, state)
+        self._session_t0 = float(t0)
+
+    # ------------------------------------------------------------- checkpoint
+    STATE = ("status", "wall_seconds", "flow_time", "_nfe_before", "_steps_before")
+
+    def state_dict(self) -> dict:
+        """Status, time and counts; the session (with the time it was started at, and its state
+        there rebuilt on resume by the same integrator), the ops' evaluation counts, the
+        integrator's statistics and Brownian generator (:mod:`flowlab.checkpoint`)."""
+        from ..checkpoint import attrs_state, pack
+
+        out = attrs_state(self, self.STATE)
+        if self.session is not None:
+            if not hasattr(self.session, "state_dict"):
+                raise RuntimeError(f"checkpoint: the session of {self.integrator.name} cannot be checkpointed")
+            out["session"] = {"t0": self._session_t0, "state": self.session.state_dict()}
+        counts = getattr(self.ops, "counts", None)
+        if isinstance(counts, dict):
+            out["ops_counts"] = dict(counts)
+        stats = getattr(self.integrator, "stats", None)
+        if isinstance(stats, dict):
+            out["integrator_stats"] = pack(dict(stats))
+        noise = getattr(self.integrator, "noise", None)
+        if noise is not None and getattr(noise, "generator", None) is not None:
+            out["noise_generator"] = pack(noise.generator)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import load_attrs, unpack
+
+        state = dict(state)
+        session = state.pop("session", None)
+        counts = state.pop("ops_counts", None)
+        stats = state.pop("integrator_stats", None)
+        gen = state.pop("noise_generator", None)
+        load_attrs(self, state)
+        if session is not None:
+            saved = session["state"]
+            t0 = float(session["t0"])
+            # the session is rebuilt at the time it was started at, from its saved state (a placeholder
+            # the saved state replaces), then given its saved solver state
+            placeholder = self._placeholder(saved)
+            self.session = self.integrator.start(self.flow, self.ops, self._hp(t0), t0, placeholder)
+            self._session_t0 = t0
+            self.session.load_state_dict(saved)
+        if isinstance(counts, dict) and isinstance(getattr(self.ops, "counts", None), dict):
+            self.ops.counts.clear()
+            self.ops.counts.update({k: int(v) for k, v in counts.items()})
+        if stats is not None and isinstance(getattr(self.integrator, "stats", None), dict):
+            self.integrator.stats.clear()
+            self.integrator.stats.update(unpack(stats))
+        if gen is not None:
+            unpack(gen, self.integrator.noise.generator)
+
+    def _placeholder(self, saved: dict) -> tuple:
+        """A state to start a session with before its saved state is loaded: the initial state."""
+        return self._initial()
 
     # --------------------------------------------------------------- protocol
     def advance_to(self, t: float) -> None:

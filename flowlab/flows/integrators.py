@@ -188,6 +188,25 @@ class _TorchdiffeqSession:
     def state(self) -> tuple:
         return self.field.split(self.y)
 
+    def state_dict(self) -> dict:
+        """Time, state, counts and the solver's own state (torchdiffeq's Runge–Kutta state: step
+        size, FSAL stage, interpolation coefficients) — :mod:`flowlab.checkpoint`."""
+        from ..checkpoint import pack
+
+        out = {"t": self.t, "y": pack(self.y), "steps": self.steps, "nfe": self.field.nfe,
+               "nonfinite": self.field.nonfinite}
+        if self.solver is not None:
+            out["solver"] = _td.solver_state(self.solver)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import unpack
+
+        self.t, self.y, self.steps = float(state["t"]), unpack(state["y"]), int(state["steps"])
+        self.field.nfe, self.field.nonfinite = int(state["nfe"]), int(state["nonfinite"])
+        if "solver" in state:
+            _td.load_solver_state(self.solver, state["solver"])
+
     def _func(self):
         field = self
 
@@ -335,6 +354,19 @@ class _FixedSession:
         self.t_start, self.k = t0, 0
         self.nfe = 0
         self.steps = 0
+
+    STATE = ("t", "state", "ta", "tb", "ya", "yb", "fa", "fb", "t_start", "k", "nfe", "steps", "dt")
+
+    def state_dict(self) -> dict:
+        """The grid (t_start, k, dt), the dense-output ends and the counts (:mod:`flowlab.checkpoint`)."""
+        from ..checkpoint import attrs_state
+
+        return attrs_state(self, self.STATE)
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import load_attrs
+
+        load_attrs(self, state)
 
     def _f(self, t: float, y: tuple) -> tuple:
         self.nfe += 1

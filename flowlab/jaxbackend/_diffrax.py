@@ -351,6 +351,30 @@ class DiffraxSession:
     def state(self) -> tuple:
         return self._state
 
+    def state_dict(self) -> dict:
+        """Time, state, counts and the kernel's whole carried loop state (step size, FSAL stage,
+        controller memory, dense output) as host arrays — :mod:`flowlab.checkpoint`."""
+        from ..checkpoint import pack
+
+        leaves = jax.tree_util.tree_leaves(self.carry)
+        return {"t": self.t, "state": pack(tuple(np.asarray(x) for x in self._state)),
+                "carry": [pack(np.asarray(x)) for x in leaves],
+                "nfe": self.nfe, "steps": self.steps, "rejected": self.rejected}
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import unpack
+
+        leaves, treedef = jax.tree_util.tree_flatten(self.carry)
+        saved = unpack(state["carry"])
+        if len(saved) != len(leaves):
+            raise RuntimeError(f"checkpoint: the diffrax loop state has {len(saved)} arrays, this kernel {len(leaves)}")
+        new = [jax.device_put(jnp.asarray(a, dtype=x.dtype), getattr(x, "sharding", None))
+               for a, x in zip(saved, leaves)]
+        self.carry = jax.tree_util.tree_unflatten(treedef, new)
+        self._state = tuple(jnp.asarray(a, dtype=x.dtype) for a, x in zip(unpack(state["state"]), self._state))
+        self.t = float(state["t"])
+        self.nfe, self.steps, self.rejected = int(state["nfe"]), int(state["steps"]), int(state["rejected"])
+
     def advance(self, t1: float) -> tuple:
         t1 = float(t1)
         if t1 <= self.t:

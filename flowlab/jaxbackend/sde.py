@@ -339,6 +339,22 @@ class SDESession:
     def state(self) -> tuple:
         return self._state
 
+    def state_dict(self) -> dict:
+        """Time, state and counts: the Brownian path is a function of its key and the times, so
+        nothing of it needs keeping (:mod:`flowlab.checkpoint`)."""
+        from ..checkpoint import pack
+
+        if self.replay:
+            raise RuntimeError("checkpoint: a session replaying given increments cannot be checkpointed")
+        return {"t": self.t, "state": pack(tuple(np.asarray(x) for x in self._state)), "nfe": self.nfe,
+                "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import unpack
+
+        self._state = tuple(jnp.asarray(a, dtype=x.dtype) for a, x in zip(unpack(state["state"]), self._state))
+        self.t, self.nfe, self.steps = float(state["t"]), int(state["nfe"]), int(state["steps"])
+
     def _control(self, n: int, t1: float) -> Any:
         if not self.replay:
             return self.brownian

@@ -184,6 +184,16 @@ class BlockSampler:
         self._perm: torch.Tensor | None = None
         self._pos = 0
 
+    def state_dict(self) -> dict:
+        from ..checkpoint import attrs_state
+
+        return attrs_state(self, ("generator", "_perm", "_pos"))
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import load_attrs
+
+        load_attrs(self, state)
+
     def next(self) -> torch.Tensor | None:
         if self.full:
             return None
@@ -241,6 +251,23 @@ class ReplicaSGD(DiscreteSGD):
         self.vectorise = vectorise
         self._f = problem.functional_output
         self._own_grad: torch.Tensor | None = None
+
+    def state_dict(self) -> dict:
+        from ..checkpoint import attrs_state
+
+        out = attrs_state(self, ("theta", "buf", "step", "n_grad_evals", "vectorise"))
+        out["samplers"] = ([sm.state_dict() for sm in self.samplers] if self.streams == "replica"
+                           else [self.block.state_dict()])
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import load_attrs
+
+        state = dict(state)
+        samplers = state.pop("samplers")
+        load_attrs(self, state)
+        for sm, st in zip(self.samplers if self.streams == "replica" else [self.block], samplers):
+            sm.load_state_dict(st)
 
     def _vmapped(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = idx.to(self.problem.X.device)

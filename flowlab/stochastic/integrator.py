@@ -75,6 +75,18 @@ class _EMSession:
         self.noise.device, self.noise.dtype = torch.device(dev), state[0].dtype
         self._step = getattr(flow, "step", None)
 
+    def state_dict(self) -> dict:
+        """Time, state, step and counts; the Brownian generator is the integrator's (saved by the
+        follower once for all its sessions) — :mod:`flowlab.checkpoint`."""
+        from ..checkpoint import attrs_state
+
+        return attrs_state(self, ("t", "state", "nfe", "steps", "dt"))
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import load_attrs
+
+        load_attrs(self, state)
+
     def _one(self, t: float, y: tuple, h: float) -> tuple:
         self.nfe += 1
         if self._step is not None:

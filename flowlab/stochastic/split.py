@@ -62,6 +62,16 @@ class NoiseSplitRecorder(Recorder):
         self.coupled = coupled(ctx.problem) is not None
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    def state_dict(self) -> dict:
+        from ..checkpoint import pack
+
+        return {"generator": pack(self.generator)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..checkpoint import unpack
+
+        unpack(state["generator"], self.generator)
+
     def _one(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p, proj = self.problem, self.sym.projector
         g = p.full_grad(theta).clone()

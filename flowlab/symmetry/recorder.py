@@ -151,6 +151,21 @@ class SymmetryRecorder(Recorder):
         self._rec: list[tuple[int, int, int, float]] = []  # (row, ĝ slot or -1, updates before it, decay)
         self._pending: tuple[int, int] | None = None  # (step, ĝ slot) staged by a row, for its update
 
+    def state_dict(self) -> dict:
+        from flowlab.checkpoint import pack
+
+        if self._n_g or self._rec or self._upd:
+            raise RuntimeError("checkpoint: the symmetry recorder has a staged block (take checkpoints after a flush)")
+        return {"A": pack(self._A), "decay": self.decay, "Q0": pack(self.Q0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from flowlab.checkpoint import unpack
+
+        self._A = unpack(state["A"])
+        self.A = torch.from_numpy(self._A.copy()).to(self.projector.device)
+        self.decay = float(state["decay"])
+        self.Q0 = {int(k): v.to(self.projector.device) for k, v in unpack(state["Q0"]).items()}
+
     # ------------------------------------------------------------------ hooks
     def record(self, rows: Rows, point: Point) -> None:
         if point.index == 0 and point.label == "sgd":

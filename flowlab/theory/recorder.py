@@ -86,20 +86,48 @@ class TheoryRecorder(Recorder):
         if len(steps) and steps[0] != first:
             raise RuntimeError(f"theory: updates from step {steps[0]} delivered after step {first}")
         at = [k - first for _, k in self.marks]
-        if any(a < 0 or a > len(steps) for a in at):
+        total = len(steps)
+        if any(a < 0 or a > total for a in at):
             raise RuntimeError("theory: a marked row lies outside the delivered updates")
-        etas_l = etas.tolist()
+        # Advance to the last marked row, or to the last global multiple of ``capacity``: never to
+        # wherever a flush happened to fall, so that the runs of equal η (and their rounding) are the
+        # same however the run was flushed, checkpointed or resumed; the rest waits for the next drain.
+        upto = max(max(at, default=0), ((first + total) // self.capacity) * self.capacity - first, 0)
+        upto = min(upto, total)
+        etas_l = etas[:upto].tolist()
+        Gu = None if G is None else G[:upto]
+        Wu = None if W is None else W[:upto]
         if self.samples == 1:
-            preds = self.predictors[0].advance_marked(etas_l, G, W, at)
+            preds = self.predictors[0].advance_marked(etas_l, Gu, Wu, at)
         else:
-            per = [p.advance_marked(etas_l, None if G is None else G[:, s], None if W is None else W[:, s], at)
+            per = [p.advance_marked(etas_l, None if Gu is None else Gu[:, s], None if Wu is None else Wu[:, s], at)
                    for s, p in enumerate(self.predictors)]
             preds = np.stack(per, axis=1)  # (marks, sample, variant, group)
         if self.marks:
             rows.put_rows("theory", None, [m[0] for m in self.marks], torch.from_numpy(preds))
         self.marks.clear()
         self.blocks.clear()
-        self.n_pending = 0
+        self.n_pending = total - upto
+        if upto < total:
+            self.blocks.append((steps[upto:], etas[upto:], G[upto:], None if W is None else W[upto:]))
+
+    def state_dict(self) -> dict:
+        from flowlab.checkpoint import pack
+
+        if self.marks:
+            raise RuntimeError("checkpoint: the theory recorder has undrained rows (take checkpoints after a flush)")
+        return {"predictors": [pack({"s_tr": p.s_tr, "s_sc": p.s_sc, "E": dict(p.E), "k": p.k})
+                               for p in self.predictors],
+                "blocks": [pack(list(b)) for b in self.blocks], "n_pending": self.n_pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        from flowlab.checkpoint import unpack
+
+        for p, st in zip(self.predictors, state["predictors"]):
+            st = unpack(st)
+            p.s_tr, p.s_sc, p.E, p.k = st["s_tr"], st["s_sc"], dict(st["E"]), int(st["k"])
+        self.blocks = [tuple(unpack(b)) for b in state["blocks"]]
+        self.n_pending = int(state["n_pending"])
 
     @property
     def predictor(self) -> Predictor:
