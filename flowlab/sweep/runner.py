@@ -6,8 +6,10 @@ with one thread each) by default, or an existing scheduler (``--scheduler tcp://
 ``--scheduler-file F``).  Each point is a whole ``flowlab run`` writing its own store under
 ``DIR/points/<id>/``; a point that finishes writes ``point.json`` last (its status: ``ok``, or
 ``failed: <error>``), so a point without it is unfinished.  A killed worker's task is rescheduled by
-dask on another worker (dask's own retries); it starts again from an empty folder.  ``--resume``
-runs only the points that are missing or failed: a finished point is never recomputed.
+dask on another worker (dask's own retries); it continues from the point's last checkpoint
+(``[checkpoint]``, :mod:`flowlab.checkpoint`) if it took one, else from an empty folder.
+``--resume`` runs only the points that are missing, unfinished or failed: a finished point is never
+recomputed, and an unfinished one continues from its checkpoint.
 
 ``DIR/sweep.json`` holds the study, the axes and the points; :func:`open_sweep` (and
 ``flowlab.open_result(DIR)``) presents the points as ONE lazy Dataset with the sweep's dims, points
@@ -40,6 +42,7 @@ def run_point(study_json: str, source: str | None, out: str) -> dict[str, Any]:
     """One sweep point (a dask task): run the study into ``out`` unless it finished before."""
     import torch
 
+    from ..checkpoint import NAME as CHECKPOINT
     from ..config import parse_study
     from ..runner import Run
 
@@ -48,12 +51,20 @@ def run_point(study_json: str, source: str | None, out: str) -> dict[str, Any]:
     done = _read_point(out_p)
     if done is not None and done["status"] == "ok":
         return done
-    if out_p.exists():
+    # an unfinished point (its worker killed, the sweep interrupted) continues from its checkpoint
+    resume = done is None and (out_p / CHECKPOINT).is_file()
+    if out_p.exists() and not resume:
         shutil.rmtree(out_p)
     t0 = time.perf_counter()
     try:
         study = parse_study(json.loads(study_json), source)
-        Run(study, out_p, overwrite=True).execute().close()
+        try:
+            Run(study, out_p, overwrite=not resume, resume=resume).execute().close()
+        except FlowlabError:
+            if not resume:
+                raise
+            shutil.rmtree(out_p, ignore_errors=True)  # a checkpoint that cannot be resumed: run afresh
+            Run(study, out_p, overwrite=True).execute().close()
         status = "ok"
     except Exception as exc:  # noqa: BLE001 - a failed point is a result, not the end of the sweep
         status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
