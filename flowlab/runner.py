@@ -175,7 +175,10 @@ class Run:
         if self.resume:
             payload = read(ckpt_path)
             check_study(ckpt_path, payload, study.to_dict())
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FlowlabError(f"--out {self.out}: cannot create the output folder ({exc.strerror or exc})") from None
         attrs = self._attrs()
         attrs["seeds"] = json.dumps(self._seeds)
         attrs["seeds_note"] = ("every random stream's seed, derived from study.seed (flowlab.seeds.derive_seed): "
@@ -204,10 +207,13 @@ class Run:
             bar.close()
             writer.close()
             summary = engine.summarise().by_label()
-            (self.out / "summary.json").write_text(json.dumps({
-                "study": study.name, "out": str(self.out), "dynamics": labels, **summary,
-                "regenerate": f"flowlab run {study.source or '<study>'} --out {self.out}",
-            }, indent=2) + "\n")
+            try:
+                (self.out / "summary.json").write_text(json.dumps({
+                    "study": study.name, "out": str(self.out), "dynamics": labels, **summary,
+                    "regenerate": f"flowlab run {study.source or '<study>'} --out {self.out}",
+                }, indent=2) + "\n")
+            except OSError:
+                pass  # disk full: the store's error says so; the summary is a convenience
         return open_result(self.out)
 
 

@@ -89,7 +89,11 @@ class TrajectoryWriter:
             if not overwrite:
                 raise FlowlabError(f"output {self.path} exists: pass --overwrite (or choose another --out)")
             shutil.rmtree(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FlowlabError(f"--out {self.path.parent}: cannot create the output folder "
+                               f"({exc.strerror or exc})") from None
         self.labels = list(labels)
         self.variables = {v.name: v for v in variables}
         ds = skeleton(variables, labels, attrs)
@@ -160,6 +164,10 @@ class TrajectoryWriter:
                     return
                 if self._error is None:
                     task[0](*task[1:])
+            except OSError as exc:  # disk full, folder gone or unwritable: one line, in the caller's thread
+                self._error = FlowlabError(
+                    f"store {self.path}: cannot write ({exc.strerror or exc}); the rows up to the last checkpoint "
+                    "are kept: make room and continue with flowlab run ... --resume")
             except BaseException as exc:  # kept and re-raised in the caller's thread
                 self._error = exc
             finally:
@@ -204,9 +212,13 @@ class TrajectoryWriter:
         self._thread.join()
         import zarr
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(self.path), zarr_format=2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                zarr.consolidate_metadata(str(self.path), zarr_format=2)
+        except OSError as exc:
+            if self._error is None:
+                self._error = FlowlabError(f"store {self.path}: cannot write its metadata ({exc.strerror or exc})")
         if self._error is not None:
             raise self._error
 

@@ -226,3 +226,37 @@ def test_an_unfinished_sweep_point_continues_from_its_checkpoint(tmp_path, refer
     assert info["status"] == "ok" and json.loads((out / POINT_FILE).read_text())["status"] == "ok"
     assert updates[0] == 13 and len(updates) == study.optimizer.steps - 13
     assert_identical(reference["single"], flowlab.open_result(out, load=True))
+
+
+def test_disk_full_and_unwritable_output_say_one_line_and_keep_the_checkpoint(tmp_path, reference, capsys,
+                                                                              monkeypatch):
+    """A store write failing with ENOSPC mid-run: one line (exit 2), the checkpoint before it intact;
+    once there is room, --resume completes the run bitwise."""
+    import errno
+
+    from flowlab.store import TrajectoryWriter
+
+    out = tmp_path / "run"
+    calls = [0]
+    orig = TrajectoryWriter._append
+
+    def full(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] > 4:  # a few flushes in: past the first checkpoints
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(TrajectoryWriter, "_append", full)
+    rc = main(["run", str(STUDY), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "No space left on device" in err and "--resume" in err, err
+    assert (out / NAME).exists()
+    monkeypatch.setattr(TrajectoryWriter, "_append", orig)
+    assert main(["run", str(STUDY), "--out", str(out), "--quiet", "--resume"]) == 0
+    capsys.readouterr()
+    assert_identical(reference["single"], flowlab.open_result(out, load=True))
+    # an output folder that cannot be made (a file in its way): one line
+    (tmp_path / "file").write_text("x")
+    rc = main(["run", str(STUDY), "--out", str(tmp_path / "file" / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "cannot create the output folder" in err, err
