@@ -16,6 +16,7 @@ service) before anything is integrated.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ class FlowFollower:
         self.wall_seconds = 0.0
         self.seed: int | None = None  # a stochastic flow's path seed
         self.samples = 1  # paths integrated at once (an ensemble's K)
+        #: an ensemble's paths that turned non-finite (path → (why, step, time)); NaN from there on
+        self.path_stops: dict[int, tuple[str, int, float]] = {}
         self.session: Any = None
         self.flow_time = 0.0
         self._nfe_before = 0
@@ -229,10 +232,36 @@ class FlowFollower:
                 self.flow_time = stop
                 if stop < target:
                     self._restart(stop, self.session.state)
+            if self.samples > 1:
+                self._stop_paths(float(t))
         except FlowStopped as exc:
             self.status = f"{exc} (nfe={self.nfe})"
         finally:  # compile time (JAX integrators) is recorded apart, not as wall time
             self.wall_seconds += time.perf_counter() - start - (self._compile_seconds() - compiled)
+
+    def _stop_paths(self, t: float) -> None:
+        """An ensemble's paths whose state is non-finite at (discrete) time t stop: NaN from here on,
+        the others go on (the engine lists them in the status)."""
+        state = self.session.state
+        alive = None
+        for part in state:
+            if isinstance(part, torch.Tensor) and part.dim() >= 2 and part.shape[0] == self.samples:
+                ok = torch.isfinite(part).reshape(self.samples, -1).all(dim=1)
+                alive = ok if alive is None else alive & ok
+        if alive is None or bool(alive.all()):
+            return
+        dead = (~alive).nonzero().flatten().tolist()
+        fresh = [s for s in dead if s not in self.path_stops]
+        if not fresh:
+            return
+        k = int(np.searchsorted(self.times, t))  # the recording step of time t (the run's clock)
+        for s in fresh:
+            self.path_stops[s] = ("non-finite state", k, t)
+        idx = torch.tensor(fresh, device=state[0].device)
+        with torch.no_grad():
+            for part in state:
+                if isinstance(part, torch.Tensor) and part.dim() >= 2 and part.shape[0] == self.samples:
+                    part[idx] = math.nan
 
     def _compile_seconds(self) -> float:
         stats = getattr(self.integrator, "stats", None)
