@@ -11,7 +11,8 @@ loop.  Its steps have names:
 - **snapshot(k)** — the same points to the recorders that keep full θ;
 - **update(k)** — the discrete update θ_k → θ_{k+1}, between the recorders' ``before_update`` and
   ``after_update`` hooks;
-- **flush** — a full chunk of rows leaves the device for the sink (the run's zarr writer);
+- **flush** — a full chunk of rows leaves the device for the sink (the run's zarr writer), and
+  whatever is buffered at least every ``flush_seconds``;
 - **summarise** — status, wall time and gradient evaluations per dynamics.
 
 Every dynamics stops alone, and what it recorded until then is kept (its rows are NaN from there):

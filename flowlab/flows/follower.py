@@ -5,8 +5,10 @@ recording time t = Σ η_k; the follower integrates its flow over the full-batch
 recording time to t (one state in memory), and reports θ(t − s) (s: the flow's time shift,
 :mod:`flowlab.flows.base`), the full-batch loss there and its evaluation counts.  With a
 learning-rate schedule the flow uses η(t) = η_k on [t_k, t_{k+1}) and its integrator is restarted
-(from the current state) wherever η changes.  A flow that blows up is stopped with the reason as its
-``status``; the run goes on.
+(from the current state) wherever η changes.  A flow that blows up is stopped with the reason and
+the time as its ``status``; the run goes on (also when the discrete run diverges: the flow follows
+the clock to its end).  An ensemble's paths (θ of shape (K, m)) stop one by one: a path whose state
+is non-finite at a recording time is NaN from there (``path_stops``), the others go on.
 
 A follower is built from a flow and an integrator — objects (:class:`Continuous`, the Python API)
 or names from a study's ``[[flows]]`` (:meth:`FlowFollower.from_spec`) — and, where the run
