@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .problem import Problem, resolve_device, resolve_dtype
 from .registry import call_with_options
 from .schedules import build_schedule
+from .seeds import seeded_globals
 
 
 @dataclass
@@ -30,9 +31,9 @@ class Built:
 
 def build_data(study: Study, input_shape: tuple[int, ...] | None = None) -> Data:
     fn = study.registry("datasets").resolve(study.data.name, "data.name")
-    torch.manual_seed(study.study.seed)
     injected = {"input_shape": input_shape} if input_shape is not None else {}
-    obj = call_with_options(fn, study.data.options, "data", **injected)
+    with seeded_globals(study.study.seed):  # a builder that draws from the global generators
+        obj = call_with_options(fn, study.data.options, "data", **injected)
     data = as_data(obj, "data.name")
     data.name = study.data.name
     return data
@@ -40,10 +41,11 @@ def build_data(study: Study, input_shape: tuple[int, ...] | None = None) -> Data
 
 def build_model(study: Study, data: Data) -> nn.Module:
     fn = study.registry("models").resolve(study.model.name, "model.name")
-    torch.manual_seed(study.study.seed)
-    # built as a user would (default dtype, seeded), then cast: `net().double()` gives the same θ0
-    module = call_with_options(fn, study.model.options, "model", input_shape=data.input_shape,
-                               num_outputs=data.num_outputs)
+    # built as a user would (default dtype, after torch.manual_seed(study.seed)), then cast:
+    # `net().double()` gives the same θ0; the global generators are put back afterwards
+    with seeded_globals(study.study.seed):
+        module = call_with_options(fn, study.model.options, "model", input_shape=data.input_shape,
+                                   num_outputs=data.num_outputs)
     if not isinstance(module, nn.Module):
         raise ConfigError("model.name", study.model.name, f"returned {type(module).__name__}, not a torch.nn.Module")
     return module

@@ -336,7 +336,9 @@ class Checkpointer:
             "format": FORMAT,
             "study": self.study,
             "next_step": int(k_next), "ri": int(ri), "si": int(si),
-            "engine": {"status": engine.status, "wall_seconds": float(engine.wall_seconds)},
+            "engine": {"status": engine.status, "wall_seconds": float(engine.wall_seconds),
+                       "replica_stops": pack({int(r): list(v) for r, v in getattr(engine, "replica_stops", {}).items()})},
+            "globals": global_generators(self.problem.device),
             "discrete": self.discrete.state_dict() if self.discrete is not None else None,
             "followers": [f.state_dict() for f in self.followers],
             "recorders": [{"type": type(r).__name__, "state": r.state_dict()} for r in self.recorders],
@@ -379,8 +381,15 @@ class Checkpointer:
                         buffers[name].copy_(unpack(value))
         engine.status = payload["engine"]["status"]
         engine.wall_seconds = float(payload["engine"]["wall_seconds"])
+        if hasattr(engine, "replica_stops"):
+            engine.replica_stops = {int(r): tuple(v) for r, v in unpack(payload["engine"]["replica_stops"]).items()}
         self.last_step = int(payload["next_step"])
         return int(payload["next_step"]), int(payload["ri"]), int(payload["si"])
+
+    def restore_globals(self, payload: dict) -> None:
+        """Torch's, numpy's and Python's global generators as the checkpoint found them (call inside
+        the run's :func:`flowlab.seeds.seeded_globals`, which puts the caller's back afterwards)."""
+        set_global_generators(payload["globals"], self.problem.device)
 
     def remove(self) -> None:
         """A finished run's checkpoint is of no further use."""
@@ -388,6 +397,29 @@ class Checkpointer:
             self.path.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def global_generators(device: torch.device) -> dict:
+    """The states of torch's (CPU, and CUDA's on a CUDA run), numpy's and Python's global generators."""
+    import random
+
+    np_state = np.random.get_state()
+    out = {"torch": torch.get_rng_state(), "numpy": pack(tuple(np_state)),
+           "python": json.dumps(random.getstate())}
+    if torch.device(device).type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return out
+
+
+def set_global_generators(state: dict, device: torch.device) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(unpack(state["numpy"]))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
 
 
 def check_study(path: Path, payload: dict, study: dict) -> None:

@@ -159,9 +159,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def report_summary(request) -> list:
-    """The core part of ``flowlab report``: status, final loss, distance from sgd per dynamics."""
+    """The core part of ``flowlab report``: status, final loss, distance from sgd per dynamics, and
+    ``loss.png`` (:func:`flowlab.figures.loss_figure`)."""
     _summary_table(request.dataset, request.console)
-    return []
+    if not request.figures:
+        return []
+    from .figures import loss_figure
+
+    path = loss_figure(request.ensemble if request.ensemble is not None else request.dataset, request.folder)
+    return [path] if path is not None else []
 
 
 RUN = Command("run", "run a study: SGD (and its flows), recorded into OUT/trajectory.zarr", _configure_run, _cmd_run)

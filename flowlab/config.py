@@ -189,6 +189,9 @@ class RecordSection:
     projections: int = field(default=8, metadata=_check(nonneg_int))
     full_loss: bool = field(default=False, metadata=_check(boolean))
     chunk: int = field(default=512, metadata=_check(positive_int))
+    #: rows reach the store at least this often (seconds), besides every full chunk, so a run that
+    #: is still going, or was killed, shows what it has done
+    flush_seconds: float = field(default=60.0, metadata=_check(positive_num))
 
 
 @dataclass(frozen=True)

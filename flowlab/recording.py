@@ -272,6 +272,8 @@ class Recorder:
     """Base class: override what you need.  Hooks not overridden cost nothing per step.
 
     ``variables(ctx)`` declares what it records; ``start(ctx)`` once before the first step;
+    a recorder that draws random numbers from a generator of its own may define ``seeds()`` →
+    {name: seed}, recorded in the Dataset's ``seeds`` attribute;
     ``before_update`` / ``after_update`` around every discrete update; ``record(rows, point)`` at
     every recording time, once per dynamics (in ``dynamics`` order); ``snapshot(rows, point)`` at the
     snapshot times; ``before_flush(rows)`` before a chunk of rows goes to the store."""
@@ -374,6 +376,10 @@ class ProjectionRecorder(Recorder):
         return [ctx.per_path("projection", ("dynamics", "time", "proj"), shape=(self.count,),
                          coords={"proj": np.arange(self.count)},
                          attrs={"long_name": "⟨r_i, θ(t)⟩, r_i ~ N(0, I/m) seeded by study.seed"})]
+
+    def seeds(self) -> dict[str, int]:
+        """The seed of the r_i (the Dataset's ``seeds`` attribute)."""
+        return {"projections": self.seed + 7919}
 
     def start(self, ctx: RunContext) -> None:
         p = ctx.problem

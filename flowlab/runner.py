@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import os
 import platform
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from .engine import Clock, LockStep, Recording
 from .errors import ConfigError, FlowlabError
 from .parts import Contribution, Part, Setup
 from .recording import Recorder, RunContext, Variable, core_recorders
+from .seeds import derive_seed, seeded_globals
 from .sgd import DiscreteSGD
 from .store import STORE_NAME, TrajectoryWriter, attrs_json, open_result
 
@@ -57,29 +61,114 @@ def default_out(study: Study) -> Path:
     return Path(study.study.out) if study.study.out else Path("runs") / study.name
 
 
-class Progress:
-    """A rich progress bar on stderr (silent when ``enabled`` is False)."""
+#: the environment variable that sets the interval of the plain progress lines (seconds)
+PROGRESS_ENV = "FLOWLAB_PROGRESS_SECONDS"
+#: its default: one line every half minute in a log
+PROGRESS_SECONDS = 30.0
 
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.enabled, self.total = enabled, total
+
+def progress_seconds() -> float:
+    """The interval of the plain progress lines: ``$FLOWLAB_PROGRESS_SECONDS``, else 30 s."""
+    text = os.environ.get(PROGRESS_ENV)
+    if text is None or not text.strip():
+        return PROGRESS_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(PROGRESS_ENV, text, "expected a number of seconds > 0")
+    return value
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """A run's progress on stderr: a rich bar on a terminal; elsewhere (a log file, ``nohup``, a
+    batch job) one plain line every ``$FLOWLAB_PROGRESS_SECONDS`` (30 s) — step, t, loss, each
+    dynamics' status, elapsed time and ETA — plus one at the start and one at the end.  Silent
+    when ``enabled`` is False.  ``plain``: force (True) or refuse (False) the plain lines (None:
+    plain when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool, label: str, *, plain: bool | None = None,
+                 interval: float | None = None, stream: Any = None):
+        self.enabled, self.total, self.label = enabled, total, label
+        self.stream = stream if stream is not None else sys.stderr
+        self.plain = (not _isatty(self.stream)) if plain is None else plain
         self.stride = max(1, total // 200)
-        if enabled:
+        self.interval = interval if interval is not None else (progress_seconds() if enabled and self.plain else 0.0)
+        self.start = time.monotonic()
+        self.last_line = -math.inf
+        self.engine: Any = None
+        self.step = 0
+        if enabled and not self.plain:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                     TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                    transient=False)
+                                    transient=False, console=Console(file=self.stream))
             self.task = self.bar.add_task(label, total=total, loss="…")
             self.bar.start()
 
-    def update(self, step: int, loss: torch.Tensor | None) -> None:
-        if self.enabled and (step % self.stride == 0 or step == self.total):
-            self.bar.update(self.task, completed=step, loss=f"{float(loss.mean()):.4g}" if loss is not None else "…")
+    def update(self, step: int, engine: Any) -> None:
+        """Called by the engine after every step (``engine``: the :class:`~flowlab.engine.LockStep`)."""
+        if not self.enabled:
+            return
+        self.engine, self.step = engine, step
+        if self.plain:
+            now = time.monotonic()
+            if now - self.last_line >= self.interval:
+                self.last_line = now
+                self._line()
+        elif step % self.stride == 0 or step == self.total:
+            self.bar.update(self.task, completed=step, loss=self._loss(engine))
+
+    @staticmethod
+    def _loss(engine: Any) -> str:
+        d = getattr(engine, "discrete", None)
+        if d is None or d.loss is None:
+            return "…"
+        if engine.status not in ("running", "ok"):
+            return f"{d.label} stopped"
+        return f"{float(d.loss.mean()):.4g}"
+
+    def _line(self, final: bool = False) -> None:
+        elapsed = time.monotonic() - self.start
+        step, total = self.step, self.total
+        parts = [f"{self.label}: step {step}/{total} ({100.0 * step / max(total, 1):.0f}%)"]
+        engine = self.engine
+        if engine is not None:
+            times = engine.clock.times
+            parts.append(f"t = {float(times[min(step, len(times) - 1)]):.6g}")
+            parts.append(f"loss {self._loss(engine)}")
+            statuses = engine.statuses()
+            parts.append(", ".join(f"{lab} {st if len(st) <= 80 else st[:77] + '...'}"
+                                   for lab, st in zip(engine.labels, statuses)))
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if not final and 0 < step < total:
+            parts.append(f"ETA {_clock(elapsed * (total - step) / step)}")
+        print("flowlab " + "; ".join(parts), file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.plain:
+            self._line(final=True)
+        else:
             self.bar.stop()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 class Run:
@@ -134,6 +223,8 @@ class Run:
         opt, rec = study.optimizer, study.record
         if self.flows and "flows" not in self.parts:
             raise FlowlabError("flows given as objects need the flows part, which this flowlab does not have")
+        if self.show_progress:
+            progress_seconds()  # a bad $FLOWLAB_PROGRESS_SECONDS: one line before anything is written
         contribution = self.parts.contribute(Setup(study, self.built, self.flows))
         followers = contribution.dynamics
         from .stochastic.ensemble_config import ensemble_size
@@ -153,11 +244,8 @@ class Run:
         clock = Clock.of_run(self.built.lrs, rec.every, rec.snapshot_every)
         ctx = RunContext(study, problem, labels, opt.steps, clock.record, clock.times[clock.record], clock.snapshot,
                          self.built.lrs, samples)
-        self._seeds = {"study": study.study.seed,
-                       "sgd": getattr(sgd, "seeds", [study.study.seed]),
-                       "sgd_streams": getattr(sgd, "streams", "single"),
-                       **{f.label: f.seed for f in followers if getattr(f, "seed", None) is not None}}
         recorders = self._recorders(contribution)
+        self._seeds = run_seeds(study, sgd, followers, recorders)
         variables: list[Variable] = []
         for r in recorders:
             variables += r.variables(ctx)
@@ -181,8 +269,7 @@ class Run:
             raise FlowlabError(f"--out {self.out}: cannot create the output folder ({exc.strerror or exc})") from None
         attrs = self._attrs()
         attrs["seeds"] = json.dumps(self._seeds)
-        attrs["seeds_note"] = ("every random stream's seed, derived from study.seed (flowlab.seeds.derive_seed): "
-                               "sgd replicas' batch orders, each stochastic flow's paths")
+        attrs["seeds_note"] = SEEDS_NOTE
         attrs["ensemble_size"] = samples
         if payload is not None:
             writer = TrajectoryWriter.reopen(self.out / STORE_NAME, variables, labels, payload["store"])
@@ -190,7 +277,8 @@ class Run:
             writer = TrajectoryWriter(self.out / STORE_NAME, variables, labels, attrs, rec.chunk, self.overwrite)
             (self.out / "study.json").write_text(json.dumps(study.to_dict(), indent=2) + "\n")
         recording = Recording(variables, len(labels), rec.chunk, problem.device,
-                              problem.dim * problem.theta0.element_size(), sink=writer)
+                              problem.dim * problem.theta0.element_size(), sink=writer,
+                              flush_seconds=rec.flush_seconds)
         bar = Progress(opt.steps, self.show_progress, study.name)
         engine = LockStep(clock, sgd, followers, recorders, recording, progress=bar, device=problem.device)
         cp = Checkpointer(ckpt_path, checkpoint_section(study), study.to_dict(), discrete=sgd, followers=followers,
@@ -200,7 +288,9 @@ class Run:
         start = cp.restore(engine, payload) if payload is not None else (0, 0, 0)
         self.engine = engine
         try:
-            with _stop_on_signals(engine):
+            with _stop_on_signals(engine), seeded_globals(self._seeds["global"], problem.device):
+                if payload is not None:  # the global generators as they were at the checkpoint
+                    cp.restore_globals(payload)
                 engine.run(*start)
             cp.remove()
         finally:
@@ -245,6 +335,44 @@ class _stop_on_signals:
         for sig, old in self.saved.items():
             signal.signal(sig, old)
         return False
+
+
+SEEDS_NOTE = ("every seed of the run, from study.seed (flowlab.seeds): study; model_init and data (the global "
+              "generators while the model and the data are built); data_subset (the data builder's own seed option); "
+              "global (the global generators during the run: a model's random layers); sgd (the batch order of each "
+              "replica; sgd_streams how they are drawn); each stochastic flow's label (its Brownian path / batches); "
+              "LABEL.seed (a flow's own seed option); projections, noise_split (recorders' generators)")
+
+
+def run_seeds(study: Study, sgd: Any, followers: Sequence[Any], recorders: Sequence[Recorder]) -> dict[str, Any]:
+    """Every seed a run uses, by name (the Dataset's ``seeds`` attribute; :data:`SEEDS_NOTE`)."""
+    import inspect
+
+    seed = study.study.seed
+    out: dict[str, Any] = {"study": seed, "model_init": seed, "data": seed}
+    try:
+        fn = study.registry("datasets").resolve(study.data.name, "data.name")
+        param = inspect.signature(fn).parameters.get("seed")
+    except (FlowlabError, TypeError, ValueError):
+        param = None
+    if "seed" in study.data.options:
+        out["data_subset"] = study.data.options["seed"]
+    elif param is not None and param.default is not inspect.Parameter.empty:
+        out["data_subset"] = param.default
+    out["global"] = derive_seed(seed, "global")
+    out["sgd"] = list(getattr(sgd, "seeds", [seed]))
+    out["sgd_streams"] = getattr(sgd, "streams", "single")
+    for f in followers:
+        if getattr(f, "seed", None) is not None:
+            out[f.label] = f.seed
+        options = f.flow.options() if hasattr(getattr(f, "flow", None), "options") else {}
+        if isinstance(options, dict) and isinstance(options.get("seed"), int):
+            out[f"{f.label}.seed"] = options["seed"]
+    for r in recorders:
+        seeds = getattr(r, "seeds", None)
+        if callable(seeds):
+            out.update(seeds())
+    return out
 
 
 def run(study: Study | str | Path, out: str | Path | None = None, *, overwrite: bool = False,

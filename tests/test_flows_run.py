@@ -144,38 +144,73 @@ def test_a_flow_that_blows_up_is_stopped_and_the_others_go_on(tmp_path, monkeypa
     assert np.all(np.isfinite(ds.distance.isel(dynamics=3).values))
 
 
-def test_a_flow_stops_with_sgd_when_sgd_diverges(tmp_path):
+def test_flows_go_on_when_sgd_diverges(tmp_path):
     """GD on L = ½θᵀAθ (eigenvalues 1 and 4) from θ0 = s·(1, −1), an eigenvector of λ = 4, with
     η = 2.75: θ_k = (1 − ηλ)^k θ0 = (−10)^k θ0, so L_k = 100^k · L0 with L0 = ½·4·|θ0|² = 4s².  The
     first k with L_k above the largest float64 is k*, with a factor ≥ 5 on either side (the loss's
-    partial sums, θ·Aθ before the ½, differ from it by less, so the way it is summed cannot move k*).  The run stops at k* with 'diverged: non-finite loss at step
-    k*'; the flow, fine itself, is stopped with SGD: its status says so, its rows go up to k* (it
-    is recorded beside SGD's last row) and none goes further."""
+    partial sums, θ·Aθ before the ½, differ from it by less, so the way it is summed cannot move k*).
+    SGD stops at k* with 'diverged: non-finite loss at step k* (t = 2.75 k*)' and its row k* is
+    recorded off the grid; the flow, fine itself, goes on to the end of the clock on the grid's
+    times: its status is ok, its rows are finite to the last, and its distance to the stopped SGD
+    is NaN after SGD's last row."""
     s = math.sqrt(10.0 ** 201.25 / 4)  # L0 = 10^201.25: k* is reached in a few dozen steps
     log_l0, log_max = math.log10(4 * s * s), math.log10(np.finfo(np.float64).max)
     k_star = math.ceil((log_max - log_l0) / 2)
     margin = math.log10(5.0)
     assert log_l0 + 2 * (k_star - 1) <= log_max - margin and log_l0 + 2 * k_star >= log_max + margin
+    steps = k_star + 30
+    assert k_star % 10 != 0  # so that row k* is off the grid
     raw = {
         "study": {"name": "diverge", "dtype": "float64", "device": "cpu"},
         "model": {"name": "quadratic", "theta0": [s, -s]},
         "data": {"name": "points"},
-        "optimizer": {"lr": 2.75, "steps": k_star + 30},
-        "record": {"every": 10, "projections": 2},
+        "optimizer": {"lr": 2.75, "steps": steps},
+        "record": {"every": 10, "projections": 2, "snapshot_every": "ends"},
         # rk4 is stable for dt·λ ≤ 2.78: dt = 0.5 (dt·λ = 2); the flow decays like e^{-4t}
         "flows": [{"name": "gradient_flow", "integrator": "flowlab:rk4", "dt": 0.5, "label": "gf"}],
     }
     ds = _run(tmp_path, raw)
-    status = f"diverged: non-finite loss at step {k_star}"
-    assert list(ds.status.values) == [status, f"stopped with sgd ({status})"]
-    # rows at the recording steps before k*, then the row of k* itself, and nothing after it
-    np.testing.assert_array_equal(ds.step.values, list(range(0, k_star, 10)) + [k_star])
-    assert int(ds.snapshot_step.values[-1]) == k_star
+    t_star = math.fsum([2.75] * k_star)
+    assert list(ds.status.values) == [f"diverged: non-finite loss at step {k_star} (t = {t_star:.6g})", "ok"]
+    # the grid's rows, SGD's row k* among them, up to the end of the clock
+    want = sorted(set(range(0, steps + 1, 10)) | {k_star, steps})
+    np.testing.assert_array_equal(ds.step.values, want)
+    np.testing.assert_array_equal(ds.snapshot_step.values, [0, k_star, steps])
+    at = want.index(k_star)
     loss = ds.loss.values
-    assert np.all(np.isfinite(loss[0, :-1])) and np.isinf(loss[0, -1])
+    assert np.all(np.isfinite(loss[0, :at])) and np.isinf(loss[0, at]) and np.all(np.isnan(loss[0, at + 1:]))
     assert np.all(np.isfinite(loss[1])) and np.all(np.isfinite(ds.theta.isel(dynamics=1).values))
-    assert ds.flow_time.values[1, -1] == pytest.approx(2.75 * k_star, rel=1e-15, abs=0)  # it ran up to t_{k*}
+    assert np.all(np.isnan(ds.theta.values[0, -1]))  # SGD has no θ at the end: it stopped
+    assert np.all(np.diff(loss[1]) < 0)  # gradient flow: the loss decreases
+    assert ds.flow_time.values[1, -1] == pytest.approx(2.75 * steps, rel=1e-15, abs=0)  # it ran to t_K
+    dist = ds.distance.values[1]
+    # finite before k*, measured at k* (|θ_{k*}| ~ 1e154: its square overflows the norm), NaN after
+    assert np.all(np.isfinite(dist[:at])) and not np.isnan(dist[at]) and np.all(np.isnan(dist[at + 1:]))
     assert int(ds.n_grad_evals.values[0]) == k_star + 1  # SGD evaluated θ_0 … θ_{k*}
+
+
+def test_orders_engine_stops_flows_with_sgd():
+    """``followers_outlive_discrete=False`` (flowlab orders): the same divergence stops the flow
+    with SGD, its status saying so, and nothing is integrated past t_{k*}."""
+    from flowlab.engine import Clock, LockStep, Recording
+    from flowlab.flows import FlowFollower
+    from flowlab.sgd import DiscreteSGD
+
+    s = math.sqrt(10.0 ** 201.25 / 4)
+    raw = {"study": {"name": "diverge", "dtype": "float64", "device": "cpu"},
+           "model": {"name": "quadratic", "theta0": [s, -s]}, "data": {"name": "points"},
+           "optimizer": {"lr": 2.75, "steps": 100}}
+    built = flowlab.build(flowlab.parse_study(raw))
+    sgd = DiscreteSGD(built.problem, built.study.optimizer, built.lrs, 0)
+    flow = FlowFollower(make_flow("gradient_flow"), make_integrator("flowlab:rk4", dt=0.5), built.problem, built.lrs,
+                        label="gf")
+    clock = Clock.of_run(built.lrs, 10)
+    summary = LockStep(clock, sgd, [flow], [], Recording.discard(2, built.problem.device),
+                       followers_outlive_discrete=False).run()
+    k = sgd.step
+    assert summary.status[0].startswith(f"diverged: non-finite loss at step {k} ")
+    assert summary.status[1] == f"stopped with sgd ({summary.status[0]})"
+    assert flow.flow_time == pytest.approx(clock.times[k], rel=1e-15)
 
 
 def test_momentum_flows_refuse_nesterov(tmp_path):

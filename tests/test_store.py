@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -93,8 +94,10 @@ def test_divergence_is_a_status_and_keeps_the_data(tmp_path):
     ds, tape, _ = _run(tmp_path, model={"name": "mlp", "widths": [16], "activation": "relu"},
                        loss={"name": "mse"}, optimizer={"lr": 50.0, "steps": 400, "batch_size": None})
     status = str(ds.status.values[0])
-    assert status.startswith("diverged: non-finite loss at step")
-    k = int(status.rsplit(" ", 1)[1])
+    match = re.fullmatch(r"diverged: non-finite loss at step (\d+) \(t = (\S+)\)", status)
+    assert match, status
+    k = int(match[1])
+    assert float(match[2]) == pytest.approx(50.0 * k, rel=1e-12)  # t_k = Σ η = 50 k
     assert 0 < k < 400 and ds.step.values[-1] == k
     assert np.isfinite(ds.loss.values[0, :-1]).all() and not np.isfinite(ds.loss.values[0, -1])
 

@@ -5,8 +5,10 @@ recording time t = Σ η_k; the follower integrates its flow over the full-batch
 recording time to t (one state in memory), and reports θ(t − s) (s: the flow's time shift,
 :mod:`flowlab.flows.base`), the full-batch loss there and its evaluation counts.  With a
 learning-rate schedule the flow uses η(t) = η_k on [t_k, t_{k+1}) and its integrator is restarted
-(from the current state) wherever η changes.  A flow that blows up is stopped with the reason as its
-``status``; the run goes on.
+(from the current state) wherever η changes.  A flow that blows up is stopped with the reason and
+the time as its ``status``; the run goes on (also when the discrete run diverges: the flow follows
+the clock to its end).  An ensemble's paths (θ of shape (K, m)) stop one by one: a path whose state
+is non-finite at a recording time is NaN from there (``path_stops``), the others go on.
 
 A follower is built from a flow and an integrator — objects (:class:`Continuous`, the Python API)
 or names from a study's ``[[flows]]`` (:meth:`FlowFollower.from_spec`) — and, where the run
@@ -16,6 +18,7 @@ service) before anything is integrated.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +90,8 @@ class FlowFollower:
         self.wall_seconds = 0.0
         self.seed: int | None = None  # a stochastic flow's path seed
         self.samples = 1  # paths integrated at once (an ensemble's K)
+        #: an ensemble's paths that turned non-finite (path → (why, step, time)); NaN from there on
+        self.path_stops: dict[int, tuple[str, int, float]] = {}
         self.session: Any = None
         self.flow_time = 0.0
         self._nfe_before = 0
@@ -215,7 +220,7 @@ class FlowFollower:
         self._session_t0 = float(t0)
 
     # ------------------------------------------------------------- checkpoint
-    STATE = ("status", "wall_seconds", "flow_time", "_nfe_before", "_steps_before")
+    STATE = ("status", "wall_seconds", "flow_time", "_nfe_before", "_steps_before", "path_stops")
 
     def state_dict(self) -> dict:
         """Status, time and counts; the session (with the time it was started at, and its state
@@ -287,10 +292,36 @@ class FlowFollower:
                 self.flow_time = stop
                 if stop < target:
                     self._restart(stop, self.session.state)
+            if self.samples > 1:
+                self._stop_paths(float(t))
         except FlowStopped as exc:
             self.status = f"{exc} (nfe={self.nfe})"
         finally:  # compile time (JAX integrators) is recorded apart, not as wall time
             self.wall_seconds += time.perf_counter() - start - (self._compile_seconds() - compiled)
+
+    def _stop_paths(self, t: float) -> None:
+        """An ensemble's paths whose state is non-finite at (discrete) time t stop: NaN from here on,
+        the others go on (the engine lists them in the status)."""
+        state = self.session.state
+        alive = None
+        for part in state:
+            if isinstance(part, torch.Tensor) and part.dim() >= 2 and part.shape[0] == self.samples:
+                ok = torch.isfinite(part).reshape(self.samples, -1).all(dim=1)
+                alive = ok if alive is None else alive & ok
+        if alive is None or bool(alive.all()):
+            return
+        dead = (~alive).nonzero().flatten().tolist()
+        fresh = [s for s in dead if s not in self.path_stops]
+        if not fresh:
+            return
+        k = int(np.searchsorted(self.times, t))  # the recording step of time t (the run's clock)
+        for s in fresh:
+            self.path_stops[s] = ("non-finite state", k, t)
+        idx = torch.tensor(fresh, device=state[0].device)
+        with torch.no_grad():
+            for part in state:
+                if isinstance(part, torch.Tensor) and part.dim() >= 2 and part.shape[0] == self.samples:
+                    part[idx] = math.nan
 
     def _compile_seconds(self) -> float:
         stats = getattr(self.integrator, "stats", None)

@@ -111,7 +111,8 @@ def _one(built: Built, flow: Any, label: str, lr: float, horizon: float, beta: f
     sgd = _discrete(built, lr, K, beta)
     errors = _Errors(problem, skip * horizon - 1e-12 * horizon)
     clock = Clock(times, np.arange(K + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    LockStep(clock, sgd, [finer, coarse], [errors], Recording.discard(3, problem.device), device=problem.device).run()
+    LockStep(clock, sgd, [finer, coarse], [errors], Recording.discard(3, problem.device), device=problem.device,
+             followers_outlive_discrete=False).run()
     if sgd.loss is None or not bool(torch.isfinite(sgd.theta).all()) or not bool(torch.isfinite(sgd.loss)):
         raise FlowlabError(f"orders: the discrete run diverged at η={lr} (step {sgd.step}); choose smaller learning "
                            "rates (before the edge of stability, η·λ_max(H) < 2)")

@@ -65,6 +65,8 @@ class EnsembleOps:
     a loop over the states with the single-state ops."""
 
     backend = "torch"
+    #: states carry K paths along their first dim (an integrator stops them one by one)
+    replicated = True
 
     def __init__(self, problem: Any, vectorise: Any = "auto"):
         from ..flows.torch_ops import TorchOps

@@ -74,6 +74,9 @@ class _EMSession:
         dev = state[0].device if isinstance(state[0], torch.Tensor) else "cpu"
         self.noise.device, self.noise.dtype = torch.device(dev), state[0].dtype
         self._step = getattr(flow, "step", None)
+        # an ensemble's K paths (θ of shape (K, m)) stop one by one (their follower NaNs them): the
+        # session stops only when no path is finite
+        self.replicated = bool(getattr(ops, "replicated", False))
 
     def state_dict(self) -> dict:
         """Time, state, step and counts; the Brownian generator is the integrator's (saved by the
@@ -107,13 +110,23 @@ class _EMSession:
                 y = self._one(t0 + i * h, y, h)
                 self.steps += 1
                 if every and self.steps % every == 0:
-                    _check(y, t0 + (i + 1) * h)
-        _check(y, t1)
+                    _check(y, t0 + (i + 1) * h, self.replicated)
+        _check(y, t1, self.replicated)
         self.state, self.t = y, t1
         return y
 
 
-def _check(y: tuple, t: float) -> None:
+def _check(y: tuple, t: float, replicated: bool = False) -> None:
+    """Raise :class:`FlowStopped` when the state is non-finite (``replicated``: when no path is finite)."""
+    if replicated:
+        alive = None
+        for part in y:
+            if isinstance(part, torch.Tensor) and part.dim() >= 2:
+                ok = torch.isfinite(part).reshape(part.shape[0], -1).all(dim=1)
+                alive = ok if alive is None else alive & ok
+        if alive is not None and not bool(alive.any()):
+            raise FlowStopped(f"non-finite state in every path at t={t:.6g} (flowlab:euler_maruyama)")
+        return
     for part in y:
         if isinstance(part, torch.Tensor) and not bool(torch.isfinite(part).all()):
             raise FlowStopped(f"non-finite state at t={t:.6g} (flowlab:euler_maruyama)")

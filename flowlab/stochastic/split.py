@@ -38,6 +38,9 @@ class NoiseSplitRecorder(Recorder):
         self.sym = symmetry
         self.seed = seed
 
+    def seeds(self) -> dict[str, int]:
+        return {"noise_split": self.seed}
+
     def variables(self, ctx: RunContext):
         G = len(self.sym.groups)
         tg = ("time", "symmetry_group")
