@@ -365,12 +365,23 @@ class Checkpointer:
                                    f"{len(self.followers)}")
             for f, st in zip(self.followers, payload["followers"]):
                 f.load_state_dict(st)
-            saved = payload["recorders"]
-            if [s["type"] for s in saved] != [type(r).__name__ for r in self.recorders]:
-                raise FlowlabError(f"checkpoint {self.path}: its recorders differ from this run's (another flowlab "
-                                   "version or other parts)")
-            for r, st in zip(self.recorders, saved):
-                r.load_state_dict(st["state"])
+            # recorders are matched by type and occurrence: a recorder without state (a user's, a
+            # test's) may come or go; one whose saved state finds no counterpart is an error
+            saved: dict[tuple[str, int], dict] = {}
+            for entry in payload["recorders"]:
+                key = (entry["type"], sum(1 for k in saved if k[0] == entry["type"]))
+                saved[key] = entry["state"]
+            seen: dict[str, int] = {}
+            for r in self.recorders:
+                name = type(r).__name__
+                key = (name, seen.get(name, 0))
+                seen[name] = key[1] + 1
+                if key in saved:
+                    r.load_state_dict(saved.pop(key))
+            lost = [k[0] for k, v in saved.items() if v]
+            if lost:
+                raise FlowlabError(f"checkpoint {self.path}: this run has no {', '.join(lost)} to restore (another "
+                                   "flowlab version or other parts)")
             prob = payload["problem"]
             self.problem.counts.clear()
             self.problem.counts.update({k: int(v) for k, v in prob["counts"].items()})

@@ -89,8 +89,10 @@ class SigintBefore(flowlab.Recorder):
 
 
 def test_interrupted_run_exits_130_and_keeps_the_data(tmp_path, capsys):
-    """Ctrl-C during `flowlab run`: exit 130, one line saying where the data are, every dynamics
-    ``interrupted at step k``, and the rows recorded so far readable (equal to an uninterrupted run's)."""
+    """Ctrl-C during `flowlab run`: the run stops at the next safe point (after update k), writes a
+    checkpoint, exits 130 saying where the data are and the command that resumes; every dynamics
+    ``interrupted at step k``; the rows recorded so far readable (equal to an uninterrupted run's),
+    and the resumed run equal to the uninterrupted one."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C raises KeyboardInterrupt
     k, path = 5, _study(tmp_path)
     stop = flowlab.Part(name="stop", setup=lambda setup: flowlab.Contribution(recorders=[SigintBefore(k)]))
@@ -101,7 +103,9 @@ def test_interrupted_run_exits_130_and_keeps_the_data(tmp_path, capsys):
         pytest.fail("flowlab run let the KeyboardInterrupt through")
     captured = capsys.readouterr()
     assert rc == 130, captured.err
-    assert captured.err.strip() == f"flowlab: interrupted; what was recorded is kept in {out}"
+    lines = captured.err.strip().splitlines()
+    assert lines[-2] == f"flowlab: stopped before update {k + 1}; rows so far and a checkpoint are in {out}."
+    assert lines[-1] == f"Resume with: flowlab run {path} --out {out} --resume"
     cut = flowlab.open_result(out, load=True)
     assert cut.status.values.tolist() == [f"interrupted at step {k}"] * 2
     assert json.loads((out / "summary.json").read_text())["status"] == {"sgd": f"interrupted at step {k}",
@@ -115,6 +119,12 @@ def test_interrupted_run_exits_130_and_keeps_the_data(tmp_path, capsys):
         if "time" in var.dims:
             np.testing.assert_array_equal(var.values, full[name].isel(time=slice(0, k + 1)).values, err_msg=name)
     np.testing.assert_array_equal(cut.theta.values, full.theta.isel(snapshot=slice(0, 2)).values)
+    assert main(["run", str(path), "--out", str(out), "--resume", "--quiet"]) == 0
+    capsys.readouterr()
+    resumed = flowlab.open_result(out, load=True)
+    for name, var in full.data_vars.items():
+        if name not in ("wall_seconds", "compile_seconds"):
+            np.testing.assert_array_equal(var.values, resumed[name].values, err_msg=name)
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
