@@ -29,7 +29,7 @@ def test_builtin_parts_and_their_order():
     assert "flowlab:euler_maruyama" in parts.registry("integrators")
     assert {"models", "datasets", "losses", "schedules", "flows", "integrators"} <= set(parts.registries)
     assert "diffrax:Dopri5" in parts.registry("integrators")  # an entry of the JAX part in the flows part's registry
-    assert set(parts.sections) == {"flows", "symmetry", "theory", "ensemble", "sweep"}
+    assert set(parts.sections) == {"checkpoint", "flows", "symmetry", "theory", "ensemble", "sweep"}
     assert {"run", "list", "export", "report", "orders", "symmetries", "check", "sweep"} <= set(parts.commands)
 
 
