@@ -68,7 +68,8 @@ class _Term(Recorder):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.parametrize("kind,at", [("single", 3), ("single", 17), ("ensemble", 9)])
+@pytest.mark.parametrize("kind,at", [("single", 3), pytest.param("single", 17, marks=pytest.mark.slow),
+                                     ("ensemble", 9)])
 def test_sigterm_stops_at_a_safe_point_and_resume_is_bitwise(tmp_path, reference, kind, at):
     sets = ["ensemble.size=3"] if kind == "ensemble" else []
     study = flowlab.load_study(STUDY, sets)
@@ -121,21 +122,21 @@ KILLER = textwrap.dedent('''
             bump()
             return orig_call(self, t, y)
         I._Field.__call__ = call
-    flowlab.run(flowlab.load_study(sys.argv[4]), out=out, overwrite=True)
+    flowlab.run(flowlab.load_study(sys.argv[4], sys.argv[5:]), out=out, overwrite=True)
     print("finished without being killed")
 ''')
 
 
-def _killed_then_resumed(tmp_path, where: str, n: int):
+def _killed_then_resumed(tmp_path, where: str, n: int, sets: tuple[str, ...] = ()):
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), where, str(n), str(out), str(STUDY)], env=env,
+    proc = subprocess.run([sys.executable, str(script), where, str(n), str(out), str(STUDY), *sets], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-2000:])
     assert (out / NAME).exists()
-    rc = main(["run", str(STUDY), "--out", str(out), "--resume", "--quiet"])
+    rc = main(["run", str(STUDY), "--out", str(out), "--resume", "--quiet", *[a for s in sets for a in ("--set", s)]])
     assert rc == 0
     return flowlab.open_result(out, load=True)
 
@@ -146,15 +147,17 @@ def test_sigkill_in_the_middle_of_a_store_flush(tmp_path, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where,seed", [("update", 0), ("update", 1), ("flush", 2), ("integration", 3),
-                                        ("integration", 4)])
-def test_sigkill_at_random_points(tmp_path, reference, where, seed):
+@pytest.mark.parametrize("where,seed,kind", [("update", 0, "single"), ("update", 1, "single"), ("flush", 2, "single"),
+                                             ("integration", 3, "single"), ("integration", 4, "single"),
+                                             ("update", 5, "ensemble"), ("flush", 6, "ensemble")])
+def test_sigkill_at_random_points(tmp_path, reference, where, seed, kind):
     """Kill points drawn at random (seeded): an update in 5..23, an append in 3..12, a vector-field
     evaluation of the dopri5 flow in 30..78 (it takes 80 in all, 26 before the first checkpoint)."""
     rng = np.random.default_rng(seed)
     n = int({"update": rng.integers(5, 24), "flush": rng.integers(3, 13),
              "integration": rng.integers(30, 79)}[where])
-    assert_identical(reference["single"], _killed_then_resumed(tmp_path, where, n))
+    sets = ("ensemble.size=3",) if kind == "ensemble" else ()
+    assert_identical(reference[kind], _killed_then_resumed(tmp_path, where, n, sets))
 
 
 # ------------------------------------------------------------------ bad input
