@@ -135,18 +135,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     ds = open_result(args.result, load=True)
     console = _console()
-    for note in ("store_repaired",):
-        if note in ds.attrs:
-            console.print(f"note: {ds.attrs[note]}", highlight=False)
-    running = [str(m) for m, s in zip(ds.dynamics.values.ravel(), ds.status.values.ravel()) if str(s) == "running"] \
-        if "sweep_status" not in ds else []
-    if running:  # a run still going, or killed: what is there so far
-        console.print(f"partial result: {len(running)} dynamics still 'running' (the run is going on, or was stopped); "
-                      f"reporting the {ds.sizes.get('time', 0)} records written so far", highlight=False)
-    if "sweep_status" not in ds and ds.sizes.get("time", 0) == 0:
-        _summary_table(ds, console)
-        console.print("no records yet: nothing more to report", highlight=False)
-        return 0
     if "sweep_status" in ds:  # a sweep folder: one row per point and the figure of merit against each axis
         from .sweep.report import report_sweep
 
@@ -160,6 +148,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         ensemble, ds = ds, ds.mean("sample", keep_attrs=True)
         console.print(f"ensemble of {ensemble.sizes['sample']} replicas: the tables show means over the replicas; "
                       "the ensemble table gives mean ± standard error", highlight=False)
+    if not _report_partial(ds, console):
+        return 0
     request = ReportRequest(Path(args.result), ds, by_layer=args.by_layer, figures=not args.no_figures,
                             console=console, ensemble=ensemble)
     paths: list = []
@@ -169,6 +159,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for p in paths:
         console.print(f"wrote {p}", highlight=False)
     return 0
+
+
+def _report_partial(ds, console) -> bool:
+    """Say what a partial result is (a run still going, or stopped; a store cut to its whole rows);
+    with no rows yet, print the summary and return False: nothing more to report."""
+    if "store_repaired" in ds.attrs:
+        console.print(f"note: {ds.attrs['store_repaired']}", highlight=False)
+    running = sum(str(s) == "running" for s in ds.status.values.ravel())
+    if running:
+        console.print(f"partial result: {running} dynamics still 'running' (the run is going on, or was stopped); "
+                      f"reporting the {ds.sizes.get('time', 0)} records written so far", highlight=False)
+    if ds.sizes.get("time", 0) == 0:
+        _summary_table(ds, console)
+        console.print("no records yet: nothing more to report", highlight=False)
+        return False
+    return True
 
 
 def report_summary(request) -> list:
