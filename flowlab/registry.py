@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections.abc as cabc
 import importlib
 import inspect
-import math
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -119,11 +118,6 @@ def call_with_options(fn: Callable[..., Any], options: Mapping[str, Any], sectio
             continue
         if takes_kwargs or key in params:
             kwargs[key] = value
-    hints = _hints(fn)
-    for key, value in options.items():
-        problem = type_problem(value, hints.get(key, Any))
-        if problem:
-            raise ConfigError(f"{section}.{key}", value, problem)
     missing = [
         n for n, p in params.items()
         if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
@@ -131,14 +125,24 @@ def call_with_options(fn: Callable[..., Any], options: Mapping[str, Any], sectio
     ]
     if missing:
         raise ConfigError(f"{section}.{missing[0]}", None, "is required")
+    # A value of the wrong type (by fn's annotations) is refused, but fn has the first say: its own
+    # message is the more precise one ("expected a number >= 1"); the type is the fallback when fn
+    # fails in a way of its own, or accepts the value silently (`image = "yes"` taken as true).
+    hints = _hints(fn)
+    wrong = next(((k, v, p) for k, v in options.items() if (p := type_problem(v, hints.get(k, Any)))), None)
     try:
-        return fn(**kwargs)
+        obj = fn(**kwargs)
     except FlowlabError:
         raise
     except (TypeError, ValueError, ArithmeticError, LookupError, RuntimeError, AttributeError, OSError) as exc:
+        if wrong is not None:
+            raise ConfigError(f"{section}.{wrong[0]}", wrong[1], wrong[2]) from exc
         # the builder's own complaint, in one line; `flowlab --debug` shows where it came from
         what = str(exc) if str(exc) else type(exc).__name__
         raise ConfigError(section, options, f"rejected by {getattr(fn, '__name__', fn)}: {what}") from exc
+    if wrong is not None:
+        raise ConfigError(f"{section}.{wrong[0]}", wrong[1], wrong[2])
+    return obj
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -185,9 +189,8 @@ def type_problem(value: Any, hint: Any) -> str | None:
         return None if isinstance(value, bool) else "expected true or false"
     if hint is int:
         return None if _is_int(value) else "expected an integer"
-    if hint is float:
-        ok = (_is_int(value) or isinstance(value, float)) and not (isinstance(value, float) and math.isnan(value))
-        return None if ok else "expected a number"
+    if hint is float:  # (NaN and inf are numbers here; ranges are the builder's to check)
+        return None if _is_int(value) or isinstance(value, float) else "expected a number"
     if hint is str:
         return None if isinstance(value, str) else "expected a string"
     container = origin or hint

@@ -161,8 +161,7 @@ def measure_weak(study: Study, lrs: Sequence[float], horizon: float, *, samples:
 
     K = int(samples if samples is not None else ensemble_size(study))
     if K < 2:
-        raise ConfigError("--samples" if samples is not None else "ensemble.size", K,
-                          "a weak error needs an ensemble of K >= 2 replicas ([ensemble] size or --samples)")
+        raise ConfigError("ensemble.size", K, "a weak error needs an ensemble of K >= 2 replicas ([ensemble] size or --samples)")
     if not isinstance(fine, int) or fine < 1:
         raise ConfigError("--fine", fine, "expected an integer >= 1 (SDE steps per SGD step)")
     if len(lrs) < 2 or any(not (x > 0 and math.isfinite(x)) for x in lrs):
