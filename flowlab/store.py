@@ -291,12 +291,24 @@ def _open_zarr(z: Path, out: str | Path) -> xr.Dataset:
         if any(len(ns) > 1 for ns in lengths.values()):  # killed between two arrays' appends of one chunk
             return _open_cut(z, arrays, {d: min(ns) for d, ns in lengths.items()}, out)
         try:
-            try:
-                return xr.open_zarr(z, consolidated=True, chunks=None)
-            except Exception:  # noqa: BLE001 - no (or a stale) consolidated copy: read every array's own metadata
-                return xr.open_zarr(z, consolidated=False, chunks=None)
+            if _consolidated_is_current(z, arrays):
+                try:
+                    return xr.open_zarr(z, consolidated=True, chunks=None)
+                except Exception:  # noqa: BLE001 - a damaged consolidated copy: read every array's own metadata
+                    pass
+            return xr.open_zarr(z, consolidated=False, chunks=None)
         except Exception as exc:  # noqa: BLE001
             raise FlowlabError(f"result {out}: {z} is not a readable zarr store ({_why(exc)})") from None
+
+
+def _consolidated_is_current(z: Path, arrays: dict) -> bool:
+    """The store's consolidated metadata exists and gives every array the shape its own metadata
+    gives (not so after rows were appended to a consolidated store, e.g. a resumed run)."""
+    try:
+        meta = json.loads((z / ".zmetadata").read_text())["metadata"]
+        return all(meta[f"{name}/.zarray"]["shape"] == info["shape"] for name, (info, _) in arrays.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _open_cut(z: Path, arrays: dict, length: dict[str, int], out: str | Path) -> xr.Dataset:

@@ -372,6 +372,21 @@ def test_report_of_a_run_killed_between_two_arrays_writes(result, tmp_path, caps
     assert "note: the run stopped between the writes of one chunk's arrays" in text
 
 
+def test_a_stale_consolidated_copy_is_not_trusted(result, tmp_path):
+    """Rows appended after the metadata was consolidated (a resumed run): the arrays' own shapes win."""
+    out = _copy(result, tmp_path)
+    z = out / "trajectory.zarr"
+    meta = json.loads((z / ".zmetadata").read_text())
+    for key, info in meta["metadata"].items():
+        if key.endswith("/.zarray"):
+            dims = meta["metadata"][key.replace(".zarray", ".zattrs")]["_ARRAY_DIMENSIONS"]
+            if "time" in dims:
+                info["shape"][dims.index("time")] = 2
+    (z / ".zmetadata").write_text(json.dumps(meta))
+    full = flowlab.open_result(result)
+    assert flowlab.open_result(out).sizes["time"] == full.sizes["time"] > 2
+
+
 # ----------------------------------------------------------------- run --check, usage, bugs
 def test_run_check_builds_everything_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
