@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import Study
-from .data import Data, as_data
+from .data import Data, as_data, check_finite
 from .errors import ConfigError
 from .problem import Problem, resolve_device, resolve_dtype
 from .registry import call_with_options
@@ -34,8 +34,9 @@ def build_data(study: Study, input_shape: tuple[int, ...] | None = None) -> Data
     injected = {"input_shape": input_shape} if input_shape is not None else {}
     with seeded_globals(study.study.seed):  # a builder that draws from the global generators
         obj = call_with_options(fn, study.data.options, "data", **injected)
-    data = as_data(obj, "data.name")
+    data = as_data(obj, "data.name", study.data.name)
     data.name = study.data.name
+    check_finite(data, "data.name", study.data.name)
     return data
 
 

@@ -1,4 +1,11 @@
-"""The ``flowlab`` command line.  Bad input prints one line and exits with status 2."""
+"""The ``flowlab`` command line.
+
+Bad input — a study key, a command-line argument, a file the user hands over — prints ONE line
+(``flowlab: error: FIELD = VALUE: what is allowed``) and exits with status 2; so does a file or
+folder that cannot be read or written (the path and the system's reason).  Anything else is a bug:
+one line saying so, the traceback written to a file the line names, status 1.  ``flowlab --debug``
+raises instead, with the traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +14,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import FlowlabError
+from .errors import FlowlabError, one_line
 from .parts import Command, Parts, default_parts
 
 EXIT_BAD_INPUT = 2
+#: a bug (an exception that is not bad input): the status an uncaught exception gives
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's own code too)
-        self.exit(EXIT_BAD_INPUT, f"flowlab: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"flowlab: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_study
+    from .preflight import check_output, preflight
     from .runner import Run, default_out
 
     study = load_study(args.study, args.set or (), args.parts)
@@ -28,6 +39,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("flowlab: error: --resume continues the run in the output folder, --overwrite replaces it: "
               "give one", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if not args.resume:
+        out = check_output(out, args.overwrite)
+    if args.check:
+        print(preflight(study, out, overwrite=args.overwrite).summary())
+        return 0
     runner = Run(study, out, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
     try:
         ds = runner.execute()
@@ -114,6 +130,8 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint (same study; [checkpoint] sets how often)")
+    p.add_argument("--check", action="store_true", help="check the study without running it: build the data, model "
+                   "and loss, set up every flow and part, check the output folder; write nothing (exit 0 if fine)")
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
@@ -147,6 +165,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         ensemble, ds = ds, ds.mean("sample", keep_attrs=True)
         console.print(f"ensemble of {ensemble.sizes['sample']} replicas: the tables show means over the replicas; "
                       "the ensemble table gives mean ± standard error", highlight=False)
+    if not _report_partial(ds, console):
+        return 0
     request = ReportRequest(Path(args.result), ds, by_layer=args.by_layer, figures=not args.no_figures,
                             console=console, ensemble=ensemble)
     paths: list = []
@@ -156,6 +176,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for p in paths:
         console.print(f"wrote {p}", highlight=False)
     return 0
+
+
+def _report_partial(ds, console) -> bool:
+    """Say what a partial result is (a run still going, or stopped; a store cut to its whole rows);
+    with no rows yet, print the summary and return False: nothing more to report."""
+    if "store_repaired" in ds.attrs:
+        console.print(f"note: {ds.attrs['store_repaired']}", highlight=False)
+    running = sum(str(s) == "running" for s in ds.status.values.ravel())
+    if running:
+        console.print(f"partial result: {running} dynamics still 'running' (the run is going on, or was stopped); "
+                      f"reporting the {ds.sizes.get('time', 0)} records written so far", highlight=False)
+    if ds.sizes.get("time", 0) == 0:
+        _summary_table(ds, console)
+        console.print("no records yet: nothing more to report", highlight=False)
+        return False
+    return True
 
 
 def report_summary(request) -> list:
@@ -184,7 +220,7 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.all import main as bench_main
 
-    argv = ["--out", args.out] + (["--only", args.only] if args.only else [])
+    argv = ["--out", args.out] + (["--only", args.only] if args.only is not None else [])
     return bench_main(argv)
 
 
@@ -215,8 +251,12 @@ def main(argv: Sequence[str] | None = None, parts: Parts | None = None) -> int:
     except FlowlabError as exc:  # a broken third-party part: one line
         if debug:
             raise
-        print(f"flowlab: error: {exc}", file=sys.stderr)
+        _say(f"flowlab: error: {exc}")
         return EXIT_BAD_INPUT
+    if not debug:  # zarr's event loop, left with pending reads by a damaged store, logs them at exit
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     parser = make_parser(parts)
     try:
         args, extra = parser.parse_known_args(argv)
@@ -236,8 +276,53 @@ def main(argv: Sequence[str] | None = None, parts: Parts | None = None) -> int:
     except FlowlabError as exc:
         if args.debug:
             raise
-        print(f"flowlab: error: {exc}", file=sys.stderr)
+        _say(f"flowlab: error: {exc}")
         return EXIT_BAD_INPUT
+    except OSError as exc:  # a path that cannot be read or written (missing, not a folder, no permission, disk full)
+        if args.debug:
+            raise
+        _say(f"flowlab: error: {_os_error(exc)}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _say("flowlab: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback in a file
+        if args.debug:
+            raise
+        where = _save_traceback(exc)
+        _say(f"flowlab: internal error: {type(exc).__name__}: {one_line(exc)[:300]} (a bug, not your input; "
+             f"traceback in {where}; `flowlab --debug ...` raises it)")
+        return EXIT_INTERNAL
+
+
+def _say(line: str) -> None:
+    print(one_line(line), file=sys.stderr)
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as ``PATH: reason`` (``runs/x: Permission denied``, ``…: No space left on device``)."""
+    path = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    return f"{path}: {reason}" if path else reason
+
+
+def _save_traceback(exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a file in the temporary folder; its path (or where it went)."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        fd, path = tempfile.mkstemp(prefix="flowlab-traceback-", suffix=".txt")
+        with open(fd, "w") as f:
+            f.write(f"flowlab {' '.join(sys.argv[1:])}\n{text}")
+        return path
+    except OSError:
+        return "(could not be written)"
 
 
 if __name__ == "__main__":  # pragma: no cover

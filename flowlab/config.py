@@ -40,6 +40,25 @@ def chunk_size(v: Any) -> str | None:
     return None if v == "auto" or (_is_int(v) and v > 0) else 'expected a positive integer or "auto"'
 
 
+def at_most(check: Callable[[Any], str | None], limit: int, why: str) -> Callable[[Any], str | None]:
+    """``check``, and the value at most ``limit`` (a typo like 1e12 steps would exhaust memory before
+    the first step: each step's learning rate and time are held as arrays)."""
+    def wrapped(v: Any) -> str | None:
+        problem = check(v)
+        if problem is None and v > limit:
+            return f"expected at most {limit:,} ({why})"
+        return problem
+
+    return wrapped
+
+
+#: the most SGD steps a study may ask for: the step grid (learning rate and t per step) lives in memory
+MAX_STEPS = 10**8
+#: the most rows buffered before a store write, and random projections recorded per row
+MAX_CHUNK = 10**6
+MAX_PROJECTIONS = 10**4
+
+
 def nonneg_int(v: Any) -> str | None:
     return None if _is_int(v) and v >= 0 else "expected an integer >= 0"
 
@@ -94,6 +113,19 @@ def snapshot_check(v: Any) -> str | None:
     return "expected a positive integer (steps between snapshots) or \"ends\" (first and last only)"
 
 
+def study_name(v: Any) -> str | None:
+    """A name that is also a folder name (``runs/<name>``): no path separators, not '.' or '..'."""
+    if not isinstance(v, str) or not v.strip():
+        return "expected a non-empty string"
+    if "/" in v or "\\" in v or v in (".", "..") or any(ord(c) < 32 for c in v):
+        return "expected a name without '/', '\\' or control characters, not '.' or '..' (runs/<name> is its folder)"
+    return None
+
+
+#: seeds are 32-bit (numpy's legacy generators, and offsets added to the seed, stay in range)
+MAX_SEED = 2**32 - 1
+
+
 def device_check(v: Any) -> str | None:
     if v in ("auto", "cpu", "cuda") or (isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()):
         return None
@@ -109,8 +141,8 @@ def _check(check: Callable[[Any], str | None]) -> dict:
 
 @dataclass(frozen=True)
 class StudySection:
-    name: str = field(default="study", metadata=_check(string))
-    seed: int = field(default=0, metadata=_check(nonneg_int))
+    name: str = field(default="study", metadata=_check(study_name))
+    seed: int = field(default=0, metadata=_check(at_most(nonneg_int, MAX_SEED, "seeds are 32-bit")))
     dtype: str = field(default="float64", metadata=_check(one_of("float32", "float64")))
     device: str = field(default="auto", metadata=_check(device_check))
     out: str | None = field(default=None, metadata=_check(optional(string)))
@@ -164,7 +196,8 @@ class ScheduleSection:
 @dataclass(frozen=True)
 class OptimizerSection:
     lr: float = field(default=MISSING, metadata=_check(positive_num))  # type: ignore[assignment]
-    steps: int = field(default=MISSING, metadata=_check(positive_int))  # type: ignore[assignment]
+    steps: int = field(default=MISSING, metadata=_check(at_most(positive_int, MAX_STEPS, "each step's learning "
+                                                                 "rate and time are held in memory")))  # type: ignore[assignment]
     weight_decay: float = field(default=0.0, metadata=_check(nonneg_num))
     momentum: float = field(default=0.0, metadata=_check(unit_interval_open))
     dampening: float = field(default=0.0, metadata=_check(unit_interval))
@@ -186,9 +219,11 @@ class OptimizerSection:
 class RecordSection:
     every: int = field(default=1, metadata=_check(positive_int))
     snapshot_every: int | str | None = field(default=None, metadata=_check(snapshot_check))
-    projections: int = field(default=8, metadata=_check(nonneg_int))
+    projections: int = field(default=8, metadata=_check(at_most(nonneg_int, MAX_PROJECTIONS, "each is a random "
+                                                                "direction of θ's size held in memory")))
     full_loss: bool = field(default=False, metadata=_check(boolean))
-    chunk: int = field(default=512, metadata=_check(positive_int))
+    chunk: int = field(default=512, metadata=_check(at_most(positive_int, MAX_CHUNK, "rows are buffered in memory "
+                                                            "before each store write")))
     #: rows reach the store at least this often (seconds), besides every full chunk, so a run that
     #: is still going, or was killed, shows what it has done
     flush_seconds: float = field(default=60.0, metadata=_check(positive_num))
@@ -410,14 +445,18 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
 def load_study(path: str | Path, overrides: Sequence[str] = (), parts: Parts | None = None) -> Study:
     """Read and validate a TOML study file (with optional ``section.key=value`` overrides)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError("study file", str(path), "is a folder; give the study's .toml file")
     if not p.is_file():
         raise ConfigError("study file", str(path), "no such file")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("study file", str(path), f"is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("study file", str(path), "is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError("study file", str(path), f"cannot be read ({exc.strerror or exc})") from None
     if overrides:
         raw = apply_overrides(raw, overrides)
     return parse_study(raw, str(p), parts)

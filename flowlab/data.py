@@ -154,6 +154,11 @@ def teacher_student(n: int = 1000, dim: int = 16, hidden: int = 32, outputs: int
                     classify: bool = False, seed: int = 0) -> Data:
     """Inputs x ~ N(0, I); targets from a random one-hidden-layer tanh teacher (+ noise), or its
     argmax classes with ``classify = true``."""
+    for key, v in (("n", n), ("dim", dim), ("hidden", hidden), ("outputs", outputs)):
+        if not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"data.{key}", v, "expected a positive integer")
+    if not noise >= 0:
+        raise ConfigError("data.noise", noise, "expected a number >= 0")
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, dim))
     W1 = rng.normal(size=(dim, hidden)) / math.sqrt(dim)
@@ -214,18 +219,33 @@ def whitened(n: int = 64, dim: int = 2, seed: int = 0) -> Data:
 def npz(path: str, x: str = "x", y: str = "y", n: int | None = None, seed: int = 0,
         classification: bool | None = None) -> Data:
     """Arrays from a ``.npz`` file on disk (keys ``x`` and ``y`` by default)."""
+    import zipfile
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError("data.path", str(path), "no such file")
+    if not zipfile.is_zipfile(p):  # np.load would take anything else for a pickle or a bare .npy
+        raise ConfigError("data.path", str(path), "not a readable .npz file (it is not a zip of .npy arrays, as numpy.savez writes)")
     try:
-        with np.load(p, allow_pickle=False) as f:
-            missing = [k for k in (x, y) if k not in f.files]
-            if missing:
-                raise ConfigError("data.x" if missing[0] == x else "data.y", missing[0],
-                                  f"not an array in {p.name}; arrays there: {', '.join(f.files)}")
-            X, Y = f[x], f[y]
-    except (OSError, ValueError) as exc:
+        with np.load(p, allow_pickle=False) as f:  # never unpickle what a user file holds
+            files = list(f.files)
+            missing = [k for k in (x, y) if k not in files]
+            if not missing:
+                X, Y = f[x], f[y]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError("data.path", str(path), f"not a readable .npz file ({exc})") from None
+    if missing:
+        raise ConfigError("data.x" if missing[0] == x else "data.y", missing[0],
+                          f"not an array in {p.name}; arrays there: {', '.join(files) or 'none'}")
+    for key, arr in ((x, X), (y, Y)):
+        field = "data.x" if key == x else "data.y"
+        if arr.ndim == 0 or len(arr) == 0:
+            raise ConfigError(field, key, f"array {key!r} in {p.name} has shape {arr.shape}: expected one entry "
+                              "per example along its first axis")
+        if arr.dtype.kind not in "biuf":
+            raise ConfigError(field, key, f"array {key!r} in {p.name} holds {arr.dtype} values: expected numbers")
+    if len(X) != len(Y):
+        raise ConfigError("data.y", y, f"{p.name} has {len(X)} examples in {x!r} but {len(Y)} in {y!r}")
     X, Y = _subset(X, Y, n, seed)
     if classification is None:
         classification = np.issubdtype(Y.dtype, np.integer) and Y.ndim == 1
@@ -240,13 +260,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def _load_image(path: Path, size: int | None) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise ConfigError("data.root", str(path), f"not a readable image ({exc.__class__.__name__})") from None
 
 
 def _tiny_imagenet_val(root: Path) -> list[tuple[Path, str]] | None:
@@ -290,6 +313,8 @@ def image_folder(root: str, split: str | None = None, size: int | None = None, n
         items = [it for it in items if it[1] in keep]
     index = {c: i for i, c in enumerate(names)}
     items = [it for it in items if it[1] in index]
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise ConfigError("data.size", size, "expected a positive integer (pixels per side)")
     if n is not None:
         if n > len(items):
             raise ConfigError("data.n", n, f"the folder has only {len(items)} images")
@@ -304,25 +329,44 @@ def image_folder(root: str, split: str | None = None, size: int | None = None, n
     return Data(torch.as_tensor(X), torch.as_tensor(y), len(names), base.name)
 
 
-def as_data(obj: object, field: str) -> Data:
-    """Turn what a user's data function returned into :class:`Data`."""
+def as_data(obj: object, field: str, name: str | None = None) -> Data:
+    """Turn what a user's data function returned into :class:`Data` (``name``: the function's name
+    in the study, for messages)."""
     if isinstance(obj, Data):
         return obj
-    if isinstance(obj, tuple) and len(obj) == 2:
-        X, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in obj)
-    elif isinstance(obj, torch.utils.data.Dataset):
-        try:
-            n = len(obj)  # type: ignore[arg-type]
-        except TypeError:
-            raise ConfigError(field, type(obj).__name__, "a Dataset must have a length") from None
-        pairs = [obj[i] for i in range(n)]
-        X = torch.stack([torch.as_tensor(p[0]) for p in pairs])
-        y = torch.stack([torch.as_tensor(p[1]) for p in pairs])
-    else:
-        raise ConfigError(field, type(obj).__name__, "a data function must return (X, y) or a torch Dataset")
+    shown = name if name is not None else type(obj).__name__
+    try:
+        if isinstance(obj, tuple) and len(obj) == 2:
+            X, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in obj)
+        elif isinstance(obj, torch.utils.data.Dataset):
+            try:
+                n = len(obj)  # type: ignore[arg-type]
+            except TypeError:
+                raise ConfigError(field, shown, "a Dataset must have a length") from None
+            pairs = [obj[i] for i in range(n)]
+            X = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+            y = torch.stack([torch.as_tensor(p[1]) for p in pairs])
+        else:
+            raise ConfigError(field, shown, "a data function must return (X, y) or a torch Dataset, "
+                              f"not {type(obj).__name__}")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ConfigError(field, shown, f"returned data that are not numeric arrays ({exc})") from None
+    if X.ndim == 0 or y.ndim == 0 or X.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ConfigError(field, shown, f"returned X of shape {tuple(X.shape)} ({X.dtype}) and y of shape "
+                          f"{tuple(y.shape)}: expected numbers with one example per row")
     if y.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) and y.ndim == 1:
         y = y.long()
         if len(y) and int(y.min()) < 0:
             raise ConfigError(field, int(y.min()), "class labels must be >= 0")
-        return Data(X.double() if X.is_floating_point() else X.double(), y, int(y.max()) + 1 if len(y) else 0)
+        return Data(X.double(), y, int(y.max()) + 1 if len(y) else 0)
     return Data(X.double(), y.double(), None)
+
+
+def check_finite(data: Data, field: str, name: str) -> None:
+    """Every input and target is finite: a NaN in the data would only show as a NaN loss later."""
+    for what, t in (("inputs", data.X), ("targets", data.y)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero()[0, 0])
+            raise ConfigError(field, name, f"its {what} hold NaN or inf (first at example {bad})")

@@ -11,11 +11,36 @@ Fields are named by the dotted path ``--set`` accepts, list entries by index
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable
+
+#: the longest a value is quoted in a message (a 10 000-entry list is shown by its start)
+VALUE_CHARS = 160
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line: its lines joined by " / " (an exception's message may span several)."""
+    lines = [line.strip() for line in str(text).splitlines()]
+    return " / ".join(line for line in lines if line)
+
+
+def show(value: object) -> str:
+    """``repr(value)``, on one line and cut to :data:`VALUE_CHARS` characters."""
+    text = one_line(repr(value))
+    if len(text) > VALUE_CHARS:
+        short = reprlib.Repr()
+        short.maxstring = short.maxother = VALUE_CHARS // 2
+        text = one_line(short.repr(value))
+        if len(text) > VALUE_CHARS:
+            text = text[: VALUE_CHARS - 1] + "…"
+    return text
 
 
 class FlowlabError(Exception):
     """Bad input, said in one line (field, value, what is allowed)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ConfigError(FlowlabError, ValueError):
@@ -23,7 +48,7 @@ class ConfigError(FlowlabError, ValueError):
 
     def __init__(self, field: str, value: object, allowed: str, hint: str | None = None):
         self.field, self.value, self.allowed = field, value, allowed
-        msg = f"{field} = {value!r}: {allowed}"
+        msg = f"{field} = {show(value)}: {allowed}"
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)

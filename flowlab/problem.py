@@ -107,6 +107,9 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError("study.device", device, "CUDA is not available here; use 'cpu' or 'auto'")
     if device != "cpu" and not device.startswith("cuda"):
         raise ConfigError("study.device", device, "allowed: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError("study.device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s): "
+                          f"cuda:0 … cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
 
 

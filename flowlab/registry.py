@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections.abc as cabc
 import importlib
 import inspect
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -122,9 +125,90 @@ def call_with_options(fn: Callable[..., Any], options: Mapping[str, Any], sectio
     ]
     if missing:
         raise ConfigError(f"{section}.{missing[0]}", None, "is required")
+    # A value of the wrong type (by fn's annotations) is refused, but fn has the first say: its own
+    # message is the more precise one ("expected a number >= 1"); the type is the fallback when fn
+    # fails in a way of its own, or accepts the value silently (`image = "yes"` taken as true).
+    hints = _hints(fn)
+    wrong = next(((k, v, p) for k, v in options.items() if (p := type_problem(v, hints.get(k, Any)))), None)
     try:
-        return fn(**kwargs)
+        obj = fn(**kwargs)
     except FlowlabError:
         raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(section, options, f"rejected by {getattr(fn, '__name__', fn)}: {exc}") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, RuntimeError, AttributeError, OSError) as exc:
+        if wrong is not None:
+            raise ConfigError(f"{section}.{wrong[0]}", wrong[1], wrong[2]) from exc
+        # the builder's own complaint, in one line; `flowlab --debug` shows where it came from
+        what = str(exc) if str(exc) else type(exc).__name__
+        raise ConfigError(section, options, f"rejected by {getattr(fn, '__name__', fn)}: {what}") from exc
+    if wrong is not None:
+        raise ConfigError(f"{section}.{wrong[0]}", wrong[1], wrong[2])
+    return obj
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The parameter annotations of ``fn`` (of its ``__init__`` for a class), resolved; {} when they
+    cannot be (a user's function with annotations that do not evaluate)."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - annotations are a help here, not a requirement
+        return {}
+
+
+_PLURAL = {"an integer": "integers", "a number": "numbers", "a string": "strings", "true or false": "booleans",
+           "a list": "lists", "a table": "tables", "a list of numbers": "lists of numbers",
+           "a list of integers": "lists of integers"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def type_problem(value: Any, hint: Any) -> str | None:
+    """What is wrong with a study value for a parameter annotated ``hint`` (None: nothing).
+
+    Understands what a TOML value can be: ``bool``, ``int``, ``float`` (an integer is a number),
+    ``str``, ``None``, unions, ``Literal``, lists (``Sequence[T]``, ``list[T]``, ``tuple[T, ...]``,
+    fixed ``tuple[A, B]``) and tables (``Mapping``, ``dict``).  Any other annotation (a class, a
+    callable, ``Any``) is not checked here: the builder checks it."""
+    if hint is Any or hint is inspect.Parameter.empty or hint is object:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        problems = [type_problem(value, a) for a in args]
+        if any(p is None for p in problems):
+            return None
+        shown = [p.removeprefix("expected ") for a, p in zip(args, problems) if p and a is not type(None)]
+        return "expected " + " or ".join(dict.fromkeys(shown))
+    if origin is typing.Literal:
+        return None if value in args else f"allowed: {', '.join(repr(a) for a in args)}"
+    if hint is type(None) or hint is None:
+        return None if value is None else "expected nothing (leave it out)"
+    if hint is bool:
+        return None if isinstance(value, bool) else "expected true or false"
+    if hint is int:
+        return None if _is_int(value) else "expected an integer"
+    if hint is float:  # (NaN and inf are numbers here; ranges are the builder's to check)
+        return None if _is_int(value) or isinstance(value, float) else "expected a number"
+    if hint is str:
+        return None if isinstance(value, str) else "expected a string"
+    container = origin or hint
+    if container in (list, tuple, cabc.Sequence, cabc.MutableSequence, typing.Sequence):
+        if not isinstance(value, list | tuple):
+            return "expected a list"
+        if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                return f"expected a list of {len(args)} values"
+            inner = [type_problem(v, a) for v, a in zip(value, args)]
+        else:
+            item = args[0] if args else Any
+            inner = [type_problem(v, item) for v in value]
+        bad = next((p for p in inner if p), None)
+        if bad is None:
+            return None
+        what = bad.removeprefix("expected ")
+        return f"expected a list of {_PLURAL.get(what, what)}"
+    if container in (dict, cabc.Mapping, cabc.MutableMapping, typing.Mapping):
+        return None if isinstance(value, Mapping) else "expected a table"
+    return None

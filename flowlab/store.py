@@ -248,9 +248,20 @@ def renamed_dims(ds: xr.Dataset) -> xr.Dataset:
     return ds.rename(rename) if rename else ds
 
 
+#: variables every flowlab result has (the skeleton's and the core recorders')
+REQUIRED = ("status", "wall_seconds", "n_grad_evals", "loss", "distance", "step")
+NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5")
+
+
 def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
     """Open a run's Dataset: ``out`` is its output folder, a ``.zarr`` store or a netCDF file.
-    Stores written before the ``dynamics`` / ``symmetry_group`` renames open with the new dims."""
+    Stores written before the ``dynamics`` / ``symmetry_group`` renames open with the new dims.
+
+    A store that is not a flowlab result, or is damaged, raises a one-line :class:`FlowlabError`.  A
+    store of a run still going, or killed, opens with the rows it has (every status ``running``); one
+    killed between the writes of one chunk's arrays opens cut to the rows every array has (said in
+    its ``store_repaired`` attribute).  Nothing is unpickled: a store whose arrays need a pickle codec
+    is refused."""
     p = Path(out)
     from .sweep.runner import is_sweep
 
@@ -258,21 +269,125 @@ def open_result(out: str | Path, load: bool = False) -> xr.Dataset:
         from .sweep.runner import open_sweep
 
         ds = open_sweep(p)
-        return ds.load() if load else ds
-    if p.is_file() and p.suffix in (".nc", ".nc4", ".netcdf", ".h5"):
-        ds = renamed_dims(_plain_strings(xr.open_dataset(p, engine="h5netcdf")))
-        return ds.load() if load else ds
-    z = _zarr_path(p)
-    if not z.exists():
-        raise FlowlabError(f"result {out}: no {STORE_NAME} there (is it the --out folder of a run?)")
+        return _load(ds, out) if load else ds
+    if p.is_file():
+        if p.suffix not in NETCDF_SUFFIXES:
+            raise FlowlabError(f"result {out}: a file that is not a netCDF export ({', '.join(NETCDF_SUFFIXES)}); "
+                               f"give a run's output folder, its {STORE_NAME} or a netCDF file")
+        try:
+            ds = xr.open_dataset(p, engine="h5netcdf")
+        except Exception as exc:  # noqa: BLE001 - h5py/h5netcdf raise OSError, ValueError, KeyError...
+            raise FlowlabError(f"result {out}: not a readable netCDF file ({_why(exc)})") from None
+    else:
+        z = _zarr_path(p)
+        if not z.exists():
+            raise FlowlabError(f"result {out}: no {STORE_NAME} there (is it the --out folder of a run?)")
+        if not z.is_dir():
+            raise FlowlabError(f"result {out}: {z} is a file, not a zarr store (a folder)")
+        ds = _open_zarr(z, out)
+    ds = renamed_dims(_plain_strings(ds))
+    missing = [v for v in REQUIRED if v not in ds.variables] + ([] if "dynamics" in ds.dims else ["dim dynamics"])
+    if missing:
+        raise FlowlabError(f"result {out}: not a flowlab result, or a damaged one: it lacks {', '.join(missing)}")
+    return _load(ds, out) if load else ds
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _load(ds: xr.Dataset, out: str | Path) -> xr.Dataset:
+    """``ds`` loaded into memory, variable by variable, so a damaged one is named."""
+    for name, var in ds.variables.items():
+        try:
+            var.load()
+        except Exception as exc:  # noqa: BLE001 - a codec's or the file system's error on a damaged chunk
+            raise FlowlabError(f"result {out}: the variable {name!r} cannot be read; the store is damaged "
+                               f"({_why(exc)})") from None
+    return ds
+
+
+def _array_metadata(z: Path, out: str | Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """Every array's ``.zarray`` and dims, read from the store's files (not the consolidated copy,
+    which a killed run never wrote); refuses pickle codecs."""
+    arrays: dict[str, tuple[dict, tuple[str, ...]]] = {}
+    for meta in sorted(z.glob("*/.zarray")):
+        name = meta.parent.name
+        try:
+            info = json.loads(meta.read_text())
+            attrs_file = meta.parent / ".zattrs"
+            attrs = json.loads(attrs_file.read_text()) if attrs_file.exists() else {}
+            dims = tuple(attrs.get("_ARRAY_DIMENSIONS", ()))
+            shape = tuple(int(n) for n in info["shape"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FlowlabError(f"result {out}: the metadata of {name!r} cannot be read; the store is damaged "
+                               f"({_why(exc)})") from None
+        codecs = [c for c in [info.get("compressor"), *(info.get("filters") or [])] if isinstance(c, dict)]
+        if any(str(c.get("id", "")).lower() == "pickle" for c in codecs):  # (vlen-utf8 strings are fine)
+            raise FlowlabError(f"result {out}: the array {name!r} holds Python objects (a pickle codec); flowlab "
+                               "never unpickles a file it is handed")
+        if len(dims) != len(shape):
+            raise FlowlabError(f"result {out}: the array {name!r} has shape {shape} but dims {dims}; the store is damaged")
+        arrays[name] = (info, dims)
+    if not arrays:
+        raise FlowlabError(f"result {out}: {z} holds no arrays (not a zarr store, or an empty one)")
+    return arrays
+
+
+def _open_zarr(z: Path, out: str | Path) -> xr.Dataset:
+    arrays = _array_metadata(z, out)
+    lengths: dict[str, set[int]] = {}
+    for info, dims in arrays.values():
+        for d, n in zip(dims, info["shape"]):
+            lengths.setdefault(d, set()).add(int(n))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if any(len(ns) > 1 for ns in lengths.values()):  # killed between two arrays' appends of one chunk
+            return _open_cut(z, arrays, {d: min(ns) for d, ns in lengths.items()}, out)
         try:
-            ds = xr.open_zarr(z, consolidated=True, chunks=None)
-        except (KeyError, FileNotFoundError, ValueError):
-            ds = xr.open_zarr(z, consolidated=False, chunks=None)
-    ds = renamed_dims(_plain_strings(ds))
-    return ds.load() if load else ds
+            if _consolidated_is_current(z, arrays):
+                try:
+                    return xr.open_zarr(z, consolidated=True, chunks=None)
+                except Exception:  # noqa: BLE001 - a damaged consolidated copy: read every array's own metadata
+                    pass
+            return xr.open_zarr(z, consolidated=False, chunks=None)
+        except Exception as exc:  # noqa: BLE001
+            raise FlowlabError(f"result {out}: {z} is not a readable zarr store ({_why(exc)})") from None
+
+
+def _consolidated_is_current(z: Path, arrays: dict) -> bool:
+    """The store's consolidated metadata exists and gives every array the shape its own metadata
+    gives (not so after rows were appended to a consolidated store, e.g. a resumed run)."""
+    try:
+        meta = json.loads((z / ".zmetadata").read_text())["metadata"]
+        return all(meta[f"{name}/.zarray"]["shape"] == info["shape"] for name, (info, _) in arrays.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _open_cut(z: Path, arrays: dict, length: dict[str, int], out: str | Path) -> xr.Dataset:
+    """The store's arrays cut to the rows every one of them has, lazily (dask), decoded as xarray
+    would (coordinates from their ``coordinates`` attributes)."""
+    import dask.array as da
+    import zarr
+
+    try:
+        group = zarr.open_group(str(z), mode="r", zarr_format=2)
+        variables = {}
+        for name, (_, dims) in arrays.items():
+            arr = group[name]
+            attrs = {k: v for k, v in arr.attrs.items() if k != "_ARRAY_DIMENSIONS"}
+            data = da.from_zarr(arr)[tuple(slice(0, length[d]) for d in dims)]
+            variables[name] = xr.Variable(dims, data, attrs)
+        ds = xr.decode_cf(xr.Dataset(variables, attrs=dict(group.attrs)))
+    except Exception as exc:  # noqa: BLE001
+        raise FlowlabError(f"result {out}: {z} is not a readable zarr store ({_why(exc)})") from None
+    cut = {d: n for d, n in length.items() if len({int(i["shape"][dims.index(d)]) for i, dims in arrays.values()
+                                                   if d in dims}) > 1}
+    ds.attrs["store_repaired"] = ("the run stopped between the writes of one chunk's arrays: shown cut to the rows "
+                                  "every array has (" + ", ".join(f"{d}: {n}" for d, n in cut.items()) + ")")
+    return ds
 
 
 def export_netcdf(out: str | Path, path: str | Path) -> Path:

@@ -225,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     ap.add_argument("--out", default="results/bench/bench.md")
     args = ap.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only is not None else None
+    if only is not None:
+        from ..errors import ConfigError, did_you_mean
+
+        unknown = [s for s in only if s not in SECTIONS] or ([] if only else [args.only])
+        if unknown:
+            raise ConfigError("--only", unknown[0], f"allowed: {', '.join(SECTIONS)} (comma-separated)",
+                              did_you_mean(unknown[0], SECTIONS))
     t0 = time.perf_counter()
     figures = run(only)
     path = write(figures, Path(args.out), time.perf_counter() - t0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -136,8 +137,12 @@ def measure_orders(study: Study, lrs: Sequence[float], horizon: float, *, flows:
     lrs = sorted((float(x) for x in lrs), reverse=True)
     if len(lrs) < 2 or any(not (x > 0) for x in lrs):
         raise ConfigError("--lr", lrs, "give at least two positive learning rates")
-    if not horizon > 0:
+    if not (horizon > 0 and math.isfinite(horizon)):
         raise ConfigError("--horizon", horizon, "expected a number > 0")
+    if momentum is not None and not 0 <= momentum < 1:
+        raise ConfigError("--momentum", momentum, "expected a number in [0, 1)")
+    if rtol is not None and not (rtol > 0 and math.isfinite(rtol)):
+        raise ConfigError("--rtol", rtol, "expected a number > 0")
     for lr in lrs:
         K = horizon / lr
         if abs(K - round(K)) > 1e-9 * K:

@@ -164,8 +164,10 @@ def measure_weak(study: Study, lrs: Sequence[float], horizon: float, *, samples:
         raise ConfigError("ensemble.size", K, "a weak error needs an ensemble of K >= 2 replicas ([ensemble] size or --samples)")
     if not isinstance(fine, int) or fine < 1:
         raise ConfigError("--fine", fine, "expected an integer >= 1 (SDE steps per SGD step)")
-    if len(lrs) < 2:
-        raise ConfigError("--lr", list(lrs), "give at least two learning rates")
+    if len(lrs) < 2 or any(not (x > 0 and math.isfinite(x)) for x in lrs):
+        raise ConfigError("--lr", list(lrs), "give at least two positive learning rates")
+    if not (horizon > 0 and math.isfinite(horizon)):
+        raise ConfigError("--horizon", horizon, "expected a number > 0")
     labels = [f.label for f in study.flows]
     if not labels:
         raise ConfigError("flows", [], "the study has no [[flows]] to compare with SGD")

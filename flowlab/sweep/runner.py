@@ -49,7 +49,7 @@ def run_point(study_json: str, source: str | None, out: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     out_p = Path(out)
     done = _read_point(out_p)
-    if done is not None and done["status"] == "ok":
+    if done is not None and done.get("status") == "ok":
         return done
     # an unfinished point (its worker killed, the sweep interrupted) continues from its checkpoint
     resume = done is None and (out_p / CHECKPOINT).is_file()
@@ -78,9 +78,10 @@ def run_point(study_json: str, source: str | None, out: str) -> dict[str, Any]:
 
 def _read_point(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / POINT_FILE).read_text())
+        info = json.loads((folder / POINT_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def _manifest(study: Any) -> dict[str, Any]:
@@ -218,19 +219,32 @@ def open_sweep(folder: str | Path) -> xr.Dataset:
         manifest = json.loads((folder / SWEEP_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise FlowlabError(f"sweep {folder}: cannot read {SWEEP_FILE} ({type(exc).__name__})") from None
-    names, dims = manifest["names"], manifest["dims"]
-    axes = {k: v for k, v in manifest["axes"].items() if k != "zip"}
-    groups = [[k for k in axes if names[k] == d or _group_of(manifest, k) == d] for d in dims]
-    shape = [len(axes[g[0]]) for g in groups]
-    status = np.full(shape, "missing", dtype=object)
+    try:
+        names, dims = manifest["names"], manifest["dims"]
+        axes = {k: v for k, v in manifest["axes"].items() if k != "zip"}
+        groups = [[k for k in axes if names[k] == d or _group_of(manifest, k) == d] for d in dims]
+        shape = [len(axes[g[0]]) for g in groups]
+        status = np.full(shape, "missing", dtype=object)
+        where = [(str(p["id"]), tuple(int(i) for i in p["index"])) for p in manifest["points"]]
+        for pid, idx in where:
+            if len(idx) != len(shape) or any(not 0 <= i < n for i, n in zip(idx, shape)):
+                raise IndexError(f"point {pid} has index {list(idx)} outside the sweep's shape {shape}")
+        if not all(isinstance(pid, str) and pid and "/" not in pid and pid not in (".", "..") for pid, _ in where):
+            raise ValueError("a point id that is not a folder name")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise FlowlabError(f"sweep {folder}: {SWEEP_FILE} is not a sweep manifest, or a damaged one "
+                           f"({type(exc).__name__}: {exc})") from None
     points: dict[tuple, xr.Dataset] = {}
-    for p in manifest["points"]:
-        info = _read_point(folder / "points" / p["id"])
-        idx = tuple(p["index"])
+    for pid, idx in where:
+        info = _read_point(folder / "points" / pid)
         if info is not None:
-            status[idx] = info["status"]
-        if info is not None and info["status"] == "ok":
-            ds = open_result(folder / "points" / p["id"])
+            status[idx] = str(info.get("status", "damaged: point.json without a status"))
+        if info is not None and info.get("status") == "ok":
+            try:
+                ds = open_result(folder / "points" / pid)
+            except FlowlabError as exc:  # the other points are still reported
+                status[idx] = f"damaged: {str(exc)[:200]}"
+                continue
             ds = ds.drop_indexes([d for d in ("time", "snapshot") if d in ds.indexes])
             points[idx] = ds.assign({n: ds[n].chunk() for n in ds.data_vars if ds[n].dtype.kind not in "USO"})
     if not points:

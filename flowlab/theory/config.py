@@ -48,6 +48,8 @@ def parse_theory(raw: Any) -> TheorySection:
     variants = raw.get("variants", ())
     if isinstance(variants, str):
         variants = [variants]
+    if not isinstance(variants, list | tuple):
+        raise ConfigError("theory.variants", variants, f"expected a list of: {', '.join(ALL_VARIANTS)}")
     for v in variants:
         if v not in ALL_VARIANTS:
             raise ConfigError("theory.variants", v, f"allowed: {', '.join(ALL_VARIANTS)}", did_you_mean(v, ALL_VARIANTS))
