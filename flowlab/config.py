@@ -182,6 +182,9 @@ class RecordSection:
     snapshot_every: int | str | None = field(default=None, metadata=_check(snapshot_check))
     projections: int = field(default=8, metadata=_check(nonneg_int))
     full_loss: bool = field(default=False, metadata=_check(boolean))
+    #: λ_max of the Hessian of the full-batch L_λ at every dynamics' θ at each recorded row
+    #: (``sharpness`` (dynamics, time); flowlab.spectrum.SharpnessRecorder)
+    sharpness: bool = field(default=False, metadata=_check(boolean))
     chunk: int = field(default=512, metadata=_check(positive_int))
 
 

@@ -138,6 +138,12 @@ class FlowFollower:
             seed = integrator.seed if getattr(integrator, "seed", None) is not None else \
                 derive_seed(built.study.study.seed, label)
             integrator.noise = NoiseSource(seed, built.problem.device, built.problem.dtype)
+        check_run = getattr(flow, "check_run", None)
+        if check_run is not None:  # what only the flow, its integrator and the run together can tell
+            try:
+                check_run(integrator, hp0, built.problem, section)
+            except ConfigError as exc:
+                raise exc if exc.field.startswith(section) else exc.within(section) from None
         if laws is not None:
             flow = laws.compose(flow, hp0, label)
         try:  # the integrator's ops (a JAX twin of the model for diffrax) are made here
