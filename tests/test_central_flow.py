@@ -288,3 +288,38 @@ def test_symmetry_law_of_the_extra_term(tmp_path):
     np.testing.assert_allclose(term[1:, ~tr], law[1:, ~tr], rtol=0, atol=1e-8 * scale)
     np.testing.assert_allclose(term[1:, tr], 0.0, atol=1e-8 * scale)
     assert np.all(np.isnan(ds.central_term.sel(dynamics="sgd").values))
+
+
+@pytest.mark.slow
+def test_study_gd_hovers_at_the_edge_and_the_central_flow_holds_it(tmp_path):
+    """studies/central_flow.toml (first 320 steps, the central flow alone beside GD): GD's sharpness
+    rises to 2/η and, once its oscillation is established, hovers about 2/η; the central flow holds
+    its own at 2/η within 5 % from the moment it reaches the edge."""
+    from pathlib import Path
+
+    from flowlab.flows import FlowsSection
+
+    root = Path(__file__).resolve().parents[1]
+    study = flowlab.load_study(root / "studies" / "central_flow.toml", ["optimizer.steps=320"])
+    study = study.replace(sections={**study.sections, "flows": FlowsSection(study.sections["flows"].specs[:1])})
+    ds = flowlab.run(study, tmp_path / "run").load()
+    assert list(ds.status.values) == ["ok", "ok"], ds.status.values
+    edge = 2.0 / study.optimizer.lr
+    s_gd = ds.sharpness.sel(dynamics="sgd").values / edge
+    s_c = ds.sharpness.sel(dynamics="central").values / edge
+    onset = int(np.flatnonzero(s_gd >= 0.95)[0])
+    assert s_gd[0] < 0.6  # it rises (progressive sharpening) ...
+    # ... to the edge; after a possible overshoot (the unstable component grows from rounding level),
+    # GD comes back within 5 % of 2/η and hovers there
+    over = np.flatnonzero(s_gd[onset:] > 1.1)
+    start = onset + 10
+    if over.size:
+        start = onset + over[0] + int(np.flatnonzero(s_gd[onset + over[0]:] <= 1.05)[0])
+    hover = s_gd[start:-1]
+    assert hover.size >= 40, (onset, start)
+    assert 0.97 <= hover.mean() <= 1.2 and hover.min() >= 0.9 and hover.max() <= 1.3, (hover.mean(), hover.min(),
+                                                                                          hover.max())
+    # the central flow: at the edge from its first critical direction on, within 5 %
+    crit = np.flatnonzero(ds.critical_directions.sel(dynamics="central").values >= 1)
+    assert crit.size and abs(crit[0] - onset) <= 10
+    assert np.max(np.abs(s_c[crit[0]:] - 1)) <= 0.05, np.max(np.abs(s_c[crit[0]:] - 1))
