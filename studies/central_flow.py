@@ -2,7 +2,7 @@
 IGR beside it) and write results/central_flow/: summary.md, summary.json and central_flow.png.
 
     python studies/central_flow.py                      # runs the study into runs/central_flow first
-    python studies/central_flow.py --run runs/central_flow   # only the analysis of an existing run
+    python studies/central_flow.py --run runs/central_flow   # analyse an existing run (+ the law check)
 
 Measured (every number below is computed here from the run's Dataset):
 
@@ -12,7 +12,9 @@ Measured (every number below is computed here from the run's Dataset):
 - |θ − θ*| (``distance_midpoint``, θ* = GD's iterates averaged over its period-2 oscillation) of the
   central flow, gradient flow and IGR over the phase, and the factors GF/central, IGR/central;
 - the central flow's predicted loss L + tr(Σ)/η against GD's loss averaged over ``window`` steps
-  (``loss_window_mean``, aligned at the window's centre): the largest and the mean relative error.
+  (``loss_window_mean``, aligned at the window's centre): the largest and the mean relative error;
+- the symmetry law of the extra term on a small ReLU network with rescale and translation groups
+  (:func:`law_check`).
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def analyse(ds, settle: int = SETTLE) -> dict:
                          "max_over_edge": float(s_gd[over[0]:back[0]].max() / edge)}
     hover_phase = (steps >= hover_start) & last
     W = int(ds.loss_window_mean.attrs["window"])
+    crit = np.flatnonzero(ds.critical_directions.sel(dynamics="central").values >= 1)
+    s_c = ds.sharpness.sel(dynamics="central").values / edge
     return {
+        "central_first_critical_step": int(steps[crit[0]]) if crit.size else None,
+        "central_max_dev_from_first_critical": float(np.max(np.abs(s_c[crit[0]:] - 1))) if crit.size else None,
         "eta": eta, "edge": edge, "reached_edge": True, "onset_step": onset, "window": W, "overshoot": overshoot,
         "edge_phase": _phase_figures(ds, edge_phase, edge), "hover_phase": _phase_figures(ds, hover_phase, edge),
         "critical_directions_max": int(np.nanmax(ds.critical_directions.sel(dynamics="central").values)),
@@ -99,6 +105,45 @@ def analyse(ds, settle: int = SETTLE) -> dict:
         "wall_seconds": {str(k): float(v) for k, v in zip(ds.dynamics.values, ds.wall_seconds.values)},
         **({"symmetry_law_max_abs_diff_over_scale": _law(ds)} if "central_term" in ds else {}),
     }
+
+
+LAW_STUDY = {
+    "study": {"name": "central_flow_law", "dtype": "float64", "device": "cpu", "seed": 0},
+    "model": {"name": "mlp", "widths": [16], "activation": "relu"},
+    "data": {"name": "digits", "n": 200},
+    "loss": {"name": "cross_entropy"},
+    "optimizer": {"lr": 0.1, "steps": 40, "batch_size": "full"},
+    "record": {"every": 1, "projections": 0, "snapshot_every": "ends"},
+    "symmetry": {"enabled": True},
+    "flows": [{"name": "central_flow", "label": "central"}],
+}
+
+
+def law_check(out_dir: Path) -> dict:
+    """The symmetry law of ½∇⟨H, Σ⟩ on a run with rescale and translation groups (ReLU MLP 64-16-10,
+    cross-entropy, 200 digits, float64, η with η·λ_max(θ0) = 2.4, 40 steps, no weight decay): the
+    recorded ``central_term`` (from the field) against ``central_law`` (the law's right-hand side),
+    and how far the term moves the rescale quantities (Q' = central_law exactly, λ = 0)."""
+    from flowlab.spectrum import EigenTracker, HessianAt
+
+    study = flowlab.parse_study(LAW_STUDY)
+    problem = flowlab.build(study).problem
+    s0 = EigenTracker(2, 1e-8).solve(HessianAt(problem, problem.theta0), problem.theta0).top
+    lr = 2.4 / s0
+    study = study.with_overrides([f"optimizer.lr={lr}"])
+    ds = flowlab.run(study, out_dir, overwrite=True).load()
+    kinds = ds.group_kind.values
+    tr = kinds == "translation"
+    term = ds.central_term.sel(dynamics="central").values
+    law = ds.central_law.sel(dynamics="central").values
+    scale = float(np.nanmax(np.abs(law[:, ~tr])))
+    drift = ds.drift.sel(dynamics="central").values[:, ~tr]
+    q0 = ds.quantity.sel(dynamics="central").values[0, ~tr]
+    return {"eta": lr, "status": [str(x) for x in ds.status.values],
+            "groups": {str(k): int((kinds == k).sum()) for k in sorted(set(kinds))},
+            "term_vs_law_max_abs_diff_over_scale": float(np.nanmax(np.abs(term - law)[:, ~tr]) / scale),
+            "translation_term_max_over_scale": float(np.nanmax(np.abs(term[:, tr])) / scale) if tr.any() else 0.0,
+            "rescale_max_abs_q0": float(np.abs(q0).max()), "rescale_max_abs_drift": float(np.abs(drift[-1]).max())}
 
 
 def _law(ds) -> float:
@@ -178,9 +223,10 @@ def _rows(ph: dict, W: int) -> list[str]:
     ]
 
 
-def write(res: dict, out: Path, command: str) -> str:
+def write(res: dict, out: Path, command: str, origin: str | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"command": command, **res}, indent=2) + "\n")
+    head = {"command": command, **({"run_written_by": origin} if origin else {})}
+    (out / "summary.json").write_text(json.dumps({**head, **res}, indent=2) + "\n")
     if not res.get("reached_edge"):
         text = f"# Central flow\n\nGD did not reach the edge (max sharpness {res['sharpness_max_gd']:.3g}).\n"
         (out / "summary.md").write_text(text)
@@ -188,7 +234,7 @@ def write(res: dict, out: Path, command: str) -> str:
     e, h, o, W = res["edge_phase"], res["hover_phase"], res["overshoot"], res["window"]
     lines = [
         "# The central flow at the edge of stability", "",
-        f"Regenerate: `{command}` (studies/central_flow.toml: tanh MLP 64-64-64-10, MSE, 500 digits, float64, "
+        f"Regenerate: `{command}`" + (f" on the run written by `{origin}`" if origin else "") + " (studies/central_flow.toml: tanh MLP 64-64-64-10, MSE, 500 digits, float64, "
         f"full-batch GD at η = {res['eta']:g}; the central flow by flowlab:euler with dt = η/4, gradient flow "
         "and IGR by flowlab:rk4 with dt = 0.05; sharpness by warm-started LOBPCG at every step).", "",
         f"GD's sharpness first reaches 0.95·2/η at step {res['onset_step']}."]
@@ -197,6 +243,10 @@ def write(res: dict, out: Path, command: str) -> str:
                      f"{o['max_over_edge']:.2f}·2/η) while the unstable component grows from rounding level, "
                      f"catapults, and from step {o['to_step']} hovers about 2/η.  The central flow enters the edge "
                      "at the first crossing, so over the overshoot it leads GD.")
+    if res.get("central_first_critical_step") is not None:
+        lines.append(f"The central flow's first critical direction is at step {res['central_first_critical_step']}; "
+                     "from there on its sharpness stays within "
+                     f"{res['central_max_dev_from_first_critical']:.1e} × 2/η of 2/η.")
     lines += ["", f"| figure | edge phase, steps {e['steps'][0]}–{e['steps'][1]} | hovering phase, steps "
               f"{h['steps'][0]}–{h['steps'][1]} |", "|---|---|---|"]
     for a, b in zip(_rows(e, W), _rows(h, W)):
@@ -210,7 +260,21 @@ def write(res: dict, out: Path, command: str) -> str:
               f"over steps k−{W - 1}…k is compared with the flows at step k − {(W - 1) // 2}.", "",
               "Wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res["wall_seconds"].items()) + ".  "
               "Statuses: " + ", ".join(f"{k} {v}" for k, v in res["status"].items()) + ".", "",
-              "![central flow](central_flow.png)", ""]
+              "![central flow](central_flow.png)"]
+    law = res.get("law_check")
+    if law:
+        lines += ["", "## Symmetry law of the extra term (docs/theory.md#symmetry-law-of-the-central-flow)", "",
+                  f"ReLU MLP 64-16-10, cross-entropy, 200 digits, float64, η = {law['eta']:.4g} (η·λ_max(θ0) = 2.4), "
+                  "40 steps, groups " + ", ".join(f"{v} {k}" for k, v in law["groups"].items())
+                  + ", statuses " + ", ".join(law["status"]) + ":", "",
+                  "| check | value |", "|---|---|",
+                  f"| rescale: max \\|central_term − central_law\\| ÷ max \\|central_law\\| | "
+                  f"{law['term_vs_law_max_abs_diff_over_scale']:.2e} |",
+                  f"| translation: max \\|central_term\\| ÷ the same scale (law: 0) | "
+                  f"{law['translation_term_max_over_scale']:.2e} |",
+                  f"| rescale: the central flow's drift max \\|Q(T) − Q(0)\\| (max \\|Q(0)\\|; gradient flow: 0) | "
+                  f"{law['rescale_max_abs_drift']:.3g} ({law['rescale_max_abs_q0']:.3g}) |"]
+    lines.append("")
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
     return text
@@ -228,13 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         ds = flowlab.open_result(args.run).load()
         command = f"python studies/central_flow.py --run {args.run}"
+        origin = "python studies/central_flow.py"
     else:
         study = flowlab.load_study(STUDY, args.set)
         ds = flowlab.run(study, ROOT / "runs" / "central_flow", overwrite=True).load()
         command = "python studies/central_flow.py" + "".join(f" --set {s}" for s in args.set)
+        origin = None
     res = analyse(ds)
     out = Path(args.out)
-    text = write(res, out, command)
+    res["law_check"] = law_check(ROOT / "runs" / "central_flow_law")
+    text = write(res, out, command, origin)
     if res.get("reached_edge"):
         figure(ds, res, out / "central_flow.png")
     print(text)
