@@ -114,7 +114,9 @@ def _count(name: str, value: Any, low: int) -> int:
 
 
 class CentralFlow(Flow):
-    """The central flow of full-batch GD (module docstring).  Options: ``relax`` (h/η, default 0.25),
+    """Central flow θ' = −∇L_λ − ½∇⟨H, Σ⟩ (Cohen et al. 2025): GD's time average at the edge of stability.
+
+    Σ = UXUᵀ on the top eigenvectors held at 2/η (module docstring).  Options: ``relax`` (h/η, default 0.25),
     ``critical`` (fraction of 2/η above which a direction enters the complementarity problem, 0.975),
     ``track`` (fraction of 2/η above which eigenvalues are tracked, 0.75), ``max_directions`` (8),
     ``eig_tol`` (relative residual, default 1e-5 in float64, 1e-4 in float32), ``eig_maxiter`` (300),
