@@ -342,7 +342,7 @@ class Checkpointer:
             "discrete": self.discrete.state_dict() if self.discrete is not None else None,
             "followers": [f.state_dict() for f in self.followers],
             "recorders": [{"type": type(r).__name__, "state": r.state_dict()} for r in self.recorders],
-            "problem": {"counts": dict(self.problem.counts),
+            "problem": {"counts": dict(self.problem.counts), "hvp_method": self.problem.hvp_method,
                         "buffers": {name: pack(b) for name, b in module.named_buffers()}},
             "store": {k: int(v) for k, v in self.writer.rows_written.items()},
         }
@@ -357,6 +357,9 @@ class Checkpointer:
     def restore(self, engine: Any, payload: dict) -> tuple[int, int, int]:
         """Put ``payload``'s state into the run's objects; (next step, ri, si) to run from."""
         device = self.problem.device
+        prob = payload["problem"]
+        # the problem's chosen HVP path first: a flow's restoring may evaluate (the central flow's cache)
+        self.problem.hvp_method = prob.get("hvp_method", self.problem.hvp_method)
         with restoring_to(device):
             if self.discrete is not None:
                 self.discrete.load_state_dict(payload["discrete"])
@@ -382,7 +385,6 @@ class Checkpointer:
             if lost:
                 raise FlowlabError(f"checkpoint {self.path}: this run has no {', '.join(lost)} to restore (another "
                                    "flowlab version or other parts)")
-            prob = payload["problem"]
             self.problem.counts.clear()
             self.problem.counts.update({k: int(v) for k, v in prob["counts"].items()})
             buffers = dict(self.problem.module.named_buffers())

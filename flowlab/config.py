@@ -222,6 +222,9 @@ class RecordSection:
     projections: int = field(default=8, metadata=_check(at_most(nonneg_int, MAX_PROJECTIONS, "each is a random "
                                                                 "direction of θ's size held in memory")))
     full_loss: bool = field(default=False, metadata=_check(boolean))
+    #: λ_max of the Hessian of the full-batch L_λ at every dynamics' θ at each recorded row
+    #: (``sharpness`` (dynamics, time); flowlab.spectrum.SharpnessRecorder)
+    sharpness: bool = field(default=False, metadata=_check(boolean))
     chunk: int = field(default=512, metadata=_check(at_most(positive_int, MAX_CHUNK, "rows are buffered in memory "
                                                             "before each store write")))
     #: rows reach the store at least this often (seconds), besides every full chunk, so a run that

@@ -49,6 +49,7 @@ BUILTIN_PARTS: tuple[tuple[str, str], ...] = (
     ("flows", "flowlab.flows.part:PART"),
     ("jax", "flowlab.jaxbackend.part:PART"),
     ("stochastic", "flowlab.stochastic.part:PART"),
+    ("central", "flowlab.central.part:PART"),
     ("sweep", "flowlab.sweep.part:PART"),
 )
 

@@ -436,5 +436,9 @@ def core_recorders(study: Study) -> list[Recorder]:
         recorders.append(FullLossRecorder())
     if rec.projections:
         recorders.append(ProjectionRecorder(rec.projections, study.study.seed))
+    if getattr(rec, "sharpness", False):
+        from .spectrum import SharpnessRecorder
+
+        recorders.append(SharpnessRecorder())
     recorders.append(SnapshotRecorder())
     return recorders

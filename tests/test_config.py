@@ -168,7 +168,7 @@ BAD_INPUT = {
     "flows.not_a_list": ("flows = 3\n", [], "flows", "3", "expected a list of tables ([[flows]])"),
     "flows.missing_name": ('[[flows]]\nintegrator = "flowlab:rk4"\n', [], "flows.0.name", "None", "is required"),
     "flows.unknown_flow": ('[[flows]]\nname = "gradient_flo"\n', [], "flows.0.name", "'gradient_flo'",
-                           "unknown flow; known: gradient_flow, modified_loss"),
+                           "unknown flow; known: central_flow, gradient_flow, modified_loss"),
     "flows.unknown_integrator": ('[[flows]]\nname = "gradient_flow"\nintegrator = "flowlab:rk5"\n', [],
                                  "flows.0.integrator", "'flowlab:rk5'", "unknown integrator; known: "),
     "flows.unknown_flow_option": ('[[flows]]\nname = "modified_loss"\ncorection = "hvp"\n', [], "flows.0.corection",

@@ -19,12 +19,14 @@ def _demo_parts() -> Parts:
 
 def test_builtin_parts_and_their_order():
     parts = flowlab.discover([])
-    assert [p.name for p in parts] == ["core", "symmetry", "theory", "flows", "jax", "stochastic", "sweep"]
+    assert [p.name for p in parts] == ["core", "symmetry", "theory", "flows", "jax", "stochastic", "central", "sweep"]
     order = [p.name for p in parts.order]
     # the theory needs the symmetry recorder, the flows want the theory's laws, the JAX part needs the followers,
     # the stochastic part wants the symmetry recorder (SGD's finite-step / noise split)
     assert order.index("symmetry") < order.index("theory") < order.index("flows") < order.index("jax")
     assert order.index("symmetry") < order.index("stochastic")
+    assert order.index("flows") < order.index("central")  # the central recorder needs the followers
+    assert "central_flow" in parts.registry("flows") and "central_flow" not in flowlab.flows.FLOWS
     assert {"sme", "sme2", "sme_momentum", "svag", "sgd_modified_loss"} <= set(parts.registry("flows"))
     assert "flowlab:euler_maruyama" in parts.registry("integrators")
     assert {"models", "datasets", "losses", "schedules", "flows", "integrators"} <= set(parts.registries)
@@ -60,10 +62,10 @@ def test_a_part_from_outside_adds_a_flow_and_a_recorder(tmp_path):
 def test_a_part_from_outside_adds_a_command_and_list_shows_it(capsys):
     parts = _demo_parts()
     assert cli_main(["hello"], parts=parts) == 0
-    assert "hello from the demo part (8 parts)" in capsys.readouterr().out
+    assert "hello from the demo part (9 parts)" in capsys.readouterr().out
     assert cli_main(["list"], parts=parts) == 0
     out = capsys.readouterr().out
-    assert "demo_decay" in out and "parts: core, symmetry, theory, flows, jax, stochastic, sweep, demo" in out
+    assert "demo_decay" in out and "parts: core, symmetry, theory, flows, jax, stochastic, central, sweep, demo" in out
     assert cli_main(["hello"]) == 2  # not a command of the installed parts
 
 

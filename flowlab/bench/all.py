@@ -71,7 +71,7 @@ def symmetry_figures() -> list[Figure]:
 
 
 def flows_figures() -> list[Figure]:
-    from flowlab.bench.flows import bench_gf, bench_hvp
+    from flowlab.bench.flows import bench_central, bench_gf, bench_hvp
 
     out = []
     for name, r, _lo, _hi in bench_gf(2):
@@ -90,6 +90,8 @@ def flows_figures() -> list[Figure]:
             out.append(Figure(f"HVP ÷ gradient (torch): {name}", r, "≤ 3.0 (gradient + HVP)", _le(r, 3.0)))
         else:
             out.append(Figure(f"HVP ÷ gradient (torch): {name}", r, "< 2.8 (beats double backward)", _le(r, 2.8)))
+    for name, r, _lo, _hi in bench_central(1, 3):
+        out.append(Figure(f"cost per unit t: {name}", r, "(reported, issue 14)", None))
     return out
 
 

@@ -1,6 +1,6 @@
 """Flow integration and HVP cost against a raw PyTorch gradient, measured in one process.
 
-    python -m flowlab.bench flows [--part gf|hvp|all] [--repeats R] [--threads 1]
+    python -m flowlab.bench flows [--part gf|hvp|central|all] [--repeats R] [--threads 1]
 
 ``gf``: gradient flow integrated interval by interval (as in a run) by ``torchdiffeq:dopri5`` and
 by ``flowlab:rk4``, on the narrow VGG-16 (batch 256 of 3×32×32, float32) and on the MLP
@@ -17,6 +17,13 @@ MLP: torch's double backward (``Problem`` method ``double_backward``), forward-o
 autograd graph kept, flowlab's R-operator engine (:mod:`flowlab.flows.rop`: its gradient, an HVP at
 the θ of that gradient — what a flow's vector field pays —, and a stand-alone HVP), and the whole
 IGR field G + (η/2)HG ÷ grad.  Target: HVP ≤ 2.0 × grad.
+
+``central``: the central flow's cost per unit of time ÷ gradient flow's, both by ``flowlab:euler``
+with dt = η/4 (the reference's four substeps per GD step) on the study's network
+(studies/central_flow.toml: tanh MLP 64-64-64-10, MSE, 500 digits, float64) at an η where θ0 is
+already past the edge (η·λ_max(θ0) = 2.2): every evaluation pays a gradient, a warm-started LOBPCG
+and the third-derivative contractions of its critical directions.  No target (the flow's extra
+work is the point); printed with the HVPs and ``d3`` calls per evaluation.
 
 Timing: repeats alternate the raw gradient and the measured operation; each ratio is a ratio of
 medians, with the spread (min..max of the per-repeat ratios) beside it.  ``--clock cpu`` (default)
@@ -179,9 +186,62 @@ def bench_hvp(repeats: int) -> list[tuple[str, float, float, float]]:
             + _hvp_rows("MLP 64-128-128-10, digits", _mlp_problem().problem, repeats))
 
 
+def _central_problem() -> tuple[flowlab.Problem, float]:
+    raw = {
+        "study": {"name": "bench_central", "dtype": "float64", "device": "cpu", "seed": 0},
+        "model": {"name": "mlp", "widths": [64, 64, 64], "activation": "tanh"},
+        "data": {"name": "digits", "n": 500},
+        "loss": {"name": "mse"},
+        "optimizer": {"lr": 0.2, "steps": 1, "batch_size": "full"},
+    }
+    problem = flowlab.build(flowlab.parse_study(raw)).problem
+    from flowlab.spectrum import EigenTracker, HessianAt
+
+    s0 = EigenTracker(2).solve(HessianAt(problem, problem.theta0), problem.theta0).top
+    return problem, 2.2 / s0
+
+
+def bench_central(repeats: int, horizon_steps: int = 5) -> list[tuple[str, float, float, float]]:
+    """Central flow ÷ gradient flow, time per unit t, both by flowlab:euler with dt = η/4 (module
+    docstring); the flows start past a warm-up of 2η (the eigen-solver warm, its block grown)."""
+    problem, eta = _central_problem()
+    hp = Hyper(lr=eta)
+    T = horizon_steps * eta
+    flows = {"gf": make_flow("gradient_flow"), "central": make_flow("central_flow")}
+    opsd = {k: TorchOps(problem) for k in flows}
+    integ = make_integrator("flowlab:euler", dt=eta / 4)
+    start = {}
+    for k, f in flows.items():  # warm-up
+        ses = integ.start(f, opsd[k], hp, 0.0, f.initial_state(problem.theta0.clone(), opsd[k], hp))
+        start[k] = ses.advance(2 * eta)
+    info: dict = {}
+
+    def run(k):
+        def go():
+            ops = opsd[k]
+            before = dict(ops.counts)
+            ses = integ.start(flows[k], ops, hp, 0.0, tuple(x.clone() for x in start[k]))
+            ses.advance(T)
+            info[k] = {c: ops.counts[c] - before[c] for c in ops.counts}
+            info[k]["nfe"] = ses.nfe
+        return go
+
+    a, b = [], []
+    for _ in range(max(1, repeats)):
+        b.append(_time(run("gf")))
+        a.append(_time(run("central")))
+    per = [x / y for x, y in zip(a, b)]
+    c = info["central"]
+    k = flows["central"]._cache.k if flows["central"]._cache is not None else 0
+    name = (f"tanh MLP 64-64-64-10 (500 digits, f64) at η·λ_max(θ0) = 2.2: central flow ÷ gradient flow per unit t, "
+            f"flowlab:euler dt = η/4 ({c['hvp'] / c['nfe']:.1f} HVPs + {c['d3'] / c['nfe']:.1f} d3 per evaluation, "
+            f"{k} critical)")
+    return [(name, statistics.median(a) / statistics.median(b), min(per), max(per))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flowlab.bench flows", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("gf", "hvp", "all"), default="all")
+    ap.add_argument("--part", choices=("gf", "hvp", "central", "all"), default="all")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu")
@@ -195,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_gf(args.repeats)
     if args.part in ("hvp", "all"):
         rows += bench_hvp(args.repeats)
+    if args.part in ("central", "all"):
+        rows += bench_central(args.repeats)
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement':<{width}}  ratio   (spread over {args.repeats} repeats, {args.clock} clock)")
     for name, r, lo, hi in rows:

@@ -144,6 +144,12 @@ class FlowFollower:
             seed = integrator.seed if getattr(integrator, "seed", None) is not None else \
                 derive_seed(built.study.study.seed, label)
             integrator.noise = NoiseSource(seed, built.problem.device, built.problem.dtype)
+        check_run = getattr(flow, "check_run", None)
+        if check_run is not None:  # what only the flow, its integrator and the run together can tell
+            try:
+                check_run(integrator, hp0, built.problem, section)
+            except ConfigError as exc:
+                raise exc if exc.field.startswith(section) else exc.within(section) from None
         if laws is not None:
             flow = laws.compose(flow, hp0, label)
         try:  # the integrator's ops (a JAX twin of the model for diffrax) are made here
@@ -236,12 +242,17 @@ class FlowFollower:
         counts = getattr(self.ops, "counts", None)
         if isinstance(counts, dict):
             out["ops_counts"] = dict(counts)
+        if hasattr(self.ops, "state_dict") and hasattr(self.ops, "load_state_dict"):
+            out["ops"] = self.ops.state_dict()
         stats = getattr(self.integrator, "stats", None)
         if isinstance(stats, dict):
             out["integrator_stats"] = pack(dict(stats))
         noise = getattr(self.integrator, "noise", None)
         if noise is not None and getattr(noise, "generator", None) is not None:
             out["noise_generator"] = pack(noise.generator)
+        flow = _stateful(self.flow)
+        if flow is not None:
+            out["flow"] = flow.state_dict()
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -252,7 +263,11 @@ class FlowFollower:
         counts = state.pop("ops_counts", None)
         stats = state.pop("integrator_stats", None)
         gen = state.pop("noise_generator", None)
+        flow_state = state.pop("flow", None)
+        ops_state = state.pop("ops", None)
         load_attrs(self, state)
+        if ops_state is not None:  # the ops' computation paths, before anything evaluates
+            self.ops.load_state_dict(ops_state)
         if session is not None:
             saved = session["state"]
             t0 = float(session["t0"])
@@ -270,6 +285,12 @@ class FlowFollower:
             self.integrator.stats.update(unpack(stats))
         if gen is not None:
             unpack(gen, self.integrator.noise.generator)
+        if flow_state is not None:  # a flow with state of its own (the central flow's eigen-tracker)
+            self._initial()  # the flow has seen its ops and hyperparameters
+            _stateful(self.flow).load_state_dict(flow_state)
+        if isinstance(counts, dict) and isinstance(getattr(self.ops, "counts", None), dict):
+            self.ops.counts.clear()  # after the flow's own restoring, which may evaluate
+            self.ops.counts.update({k: int(v) for k, v in counts.items()})
 
     def _placeholder(self, saved: dict) -> tuple:
         """A state to start a session with before its saved state is loaded: the initial state."""
@@ -349,6 +370,14 @@ class FlowFollower:
         return {"label": self.label, "flow": getattr(self.flow, "name", type(self.flow).__name__),
                 "order": self.flow.order, "time_shift": self.shift, "integrator": self.integrator.describe(),
                 "options": self.flow.options()}
+
+
+def _stateful(flow: Any) -> Any:
+    """The flow (or the flow inside a law composition) that keeps state of its own, or None."""
+    for f in (flow, getattr(flow, "inner", None)):
+        if f is not None and hasattr(f, "state_dict") and hasattr(f, "load_state_dict"):
+            return f
+    return None
 
 
 def build_followers(setup: Any, laws: Any = None) -> list[FlowFollower]:

@@ -38,6 +38,21 @@ class TorchOps:
         self.third_order = False  # set by the first d3 call
         self._engine_state = None if engine else False
 
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        """The computation paths chosen so far (graph reuse, third-order graphs, whether the R-op
+        engine failed) and the counts: a resumed run takes the same paths, hence the same rounding."""
+        return {"counts": dict(self.counts), "reuse_graph": self.reuse_graph, "third_order": self.third_order,
+                "engine_failed": self._engine_state is False}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts.clear()
+        self.counts.update({k: int(v) for k, v in state["counts"].items()})
+        self.reuse_graph, self.third_order = state["reuse_graph"], bool(state["third_order"])
+        if state["engine_failed"]:
+            self._engine_state = False
+        self._last = None
+
     # ------------------------------------------------------------------ helpers
     def _stamp(self) -> int:
         return sum(self.problem.counts.values())

@@ -81,6 +81,14 @@ class EnsembleOps:
     def n(self) -> int:
         return self.problem.n
 
+    def state_dict(self) -> dict:
+        return {"single": self.single.state_dict(), "vectorise": self.vectorise}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.single.load_state_dict(state["single"])
+        self.counts = self.single.counts
+        self.vectorise = state["vectorise"]
+
     def _try(self, vmapped, looped):
         return vmap_or_loop(self, vmapped, looped)
 
