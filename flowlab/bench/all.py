@@ -33,7 +33,7 @@ def _le(x: float, bound: float) -> bool:
     return x <= bound
 
 
-def sgd_figures(steps: int = 500, repeats: int = 3) -> list[Figure]:
+def sgd_figures(steps: int = 1000, repeats: int = 5) -> list[Figure]:
     import flowlab
     from flowlab.bench.sgd import flowlab_run, raw_loop
 
