@@ -9,6 +9,7 @@ extra term against the field itself.
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 
 import numpy as np
@@ -357,3 +358,30 @@ def test_a_resumed_central_flow_run_is_bitwise_the_uninterrupted_one(tmp_path):
             if not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
                 bad[name] = (float(np.nanmax(np.abs(a - b))), np.argwhere(~((a == b) | (np.isnan(a) & np.isnan(b))))[:3].tolist()) if a.dtype.kind == "f" else "differs"
     assert not bad, bad
+
+
+def test_orders_refuses_the_central_flow_on_an_adaptive_integrator(tmp_path, capsys):
+    """``flowlab orders`` builds its followers itself: the flow's own check runs there too (one line)."""
+    from flowlab.cli import main
+
+    study = tmp_path / "s.toml"
+    study.write_text(textwrap.dedent("""
+        [study]
+        name = "o"
+        dtype = "float64"
+        device = "cpu"
+        [model]
+        name = "mlp"
+        widths = [6]
+        activation = "tanh"
+        [data]
+        name = "digits"
+        n = 40
+        [optimizer]
+        lr = 0.1
+        steps = 2
+    """))
+    rc = main(["orders", str(study), "--lr", "0.1,0.05", "--horizon", "0.2", "--flows", "central_flow",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "fixed-step integrator" in err, err

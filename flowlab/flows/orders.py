@@ -44,6 +44,7 @@ from ..parts import Command
 from ..problem import Problem
 from ..recording import Point, Recorder, Rows
 from ..sgd import DiscreteSGD
+from .base import Hyper
 from .config import FlowSpec
 from .follower import FlowFollower
 from .library import BUILTIN_FLOWS
@@ -107,6 +108,14 @@ def _one(built: Built, flow: Any, label: str, lr: float, horizon: float, beta: f
     wd = float(built.study.optimizer.weight_decay)
     times = np.arange(K + 1) * lr
     lrs = np.full(max(K, 1), lr)
+    check_run = getattr(flow, "check_run", None)
+    if check_run is not None:  # what only the flow and its integrator together can tell (central_flow)
+        hp = Hyper(lr=float(lr), weight_decay=wd, momentum=float(beta))
+        for i in (integ, fine):
+            try:
+                check_run(i, hp, problem, label)
+            except ConfigError as exc:
+                raise exc.within(f"orders.{label}") from None
     finer, coarse = (FlowFollower(flow, i, problem, lrs, weight_decay=wd, momentum=beta, label=lab, times=times,
                                   full_loss=False) for i, lab in ((fine, "fine"), (integ, "coarse")))
     sgd = _discrete(built, lr, K, beta)
