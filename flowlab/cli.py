@@ -255,8 +255,11 @@ def main(argv: Sequence[str] | None = None, parts: Parts | None = None) -> int:
         return EXIT_BAD_INPUT
     if not debug:  # zarr's event loop, left with pending reads by a damaged store, logs them at exit
         import logging
+        import warnings
 
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        # ... and may leave a coroutine unawaited, which Python reports while the process exits
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     parser = make_parser(parts)
     try:
         args, extra = parser.parse_known_args(argv)
