@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import first_difference
 from .errors import FlowlabError
 
 FORMAT = 1
@@ -197,39 +198,6 @@ def read(path: str | Path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FlowlabError(f"checkpoint {path}: not a flowlab checkpoint of format {FORMAT}")
     return payload
-
-
-def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The dotted key where two study dicts first differ (None when equal)."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for k in sorted(set(a) | set(b), key=str):
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if k not in a or k not in b:
-                return key
-            d = first_difference(a[k], b[k], key)
-            if d is not None:
-                return d
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return prefix or "(top)"
-        for i, (x, y) in enumerate(zip(a, b)):
-            d = first_difference(x, y, f"{prefix}.{i}" if prefix else str(i))
-            if d is not None:
-                return d
-        return None
-    return None if a == b else (prefix or "(top)")
-
-
-def study_key_value(d: Any, key: str) -> Any:
-    for part in key.split("."):
-        if isinstance(d, Mapping) and part in d:
-            d = d[part]
-        elif isinstance(d, list) and part.isdigit() and int(part) < len(d):
-            d = d[int(part)]
-        else:
-            return "(absent)"
-    return d
 
 
 # ------------------------------------------------------------------ the [checkpoint] section
@@ -439,9 +407,9 @@ def check_study(path: Path, payload: dict, study: dict) -> None:
     """One line naming the first key where ``study`` differs from the checkpoint's."""
     a = {k: v for k, v in payload["study"].items() if k not in MAY_DIFFER}
     b = {k: v for k, v in study.items() if k not in MAY_DIFFER}
-    key = first_difference(a, b)
-    if key is not None:
+    diff = first_difference(a, b)
+    if diff is not None:
+        key, saved, given = diff
         raise FlowlabError(f"checkpoint {path}: the study differs from the checkpoint's at {key} "
-                           f"(checkpoint: {study_key_value(payload['study'], key)!r}, study: "
-                           f"{study_key_value(study, key)!r}); resume with the same study, or run afresh with "
-                           "--overwrite")
+                           f"(checkpoint: {saved!r}, study: {given!r}); resume with the same study, or run afresh "
+                           "with --overwrite")

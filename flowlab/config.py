@@ -364,6 +364,27 @@ def pop_checked(raw: dict, checks: Mapping[str, Callable[[Any], str | None]], se
     return out
 
 
+def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """Where two study dicts first differ: (dotted key, a's value, b's value; "(absent)" for a
+    missing key), or None when they are equal.  Lists are compared entry by entry (``flows.0.dt``)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in sorted(set(a) | set(b), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a or k not in b:
+                return key, a.get(k, "(absent)"), b.get(k, "(absent)")
+            d = first_difference(a[k], b[k], key)
+            if d is not None:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{prefix}.{i}" if prefix else str(i))
+            if d is not None:
+                return d
+        return None
+    return None if a == b else (prefix or "(top)", a, b)
+
+
 def freeze_options(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 

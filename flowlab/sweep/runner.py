@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..config import first_difference
 from ..errors import ConfigError, FlowlabError
 from .config import point_study
 
@@ -131,9 +132,9 @@ def run_sweep(study: Any, out: str | Path, *, scheduler: str | None = None, sche
         old = json.loads(existing.read_text())
         if old.get("study") != manifest["study"]:
             if not overwrite:
-                diff = _first_difference(old.get("study", {}), manifest["study"])
+                key, was, now = first_difference(old.get("study", {}), manifest["study"])
                 raise ConfigError("--out", str(out), f"this sweep folder belongs to another study (first difference: "
-                                  f"{diff}); choose another --out, or --overwrite")
+                                  f"{key}: {was!r} vs {now!r}); choose another --out, or --overwrite")
             shutil.rmtree(out)
         elif not (resume or overwrite):
             raise ConfigError("--out", str(out), "a sweep of this study is there: --resume runs its missing and "
@@ -190,14 +191,6 @@ def _submit_and_wait(client, todo, studies, source, out: Path, log) -> None:
             last = time.perf_counter()
         if info["status"] != "ok":
             log(f"  {pid}: {info['status']}")
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-    return f"{path}: {a!r} vs {b!r}"
 
 
 def is_sweep(path: str | Path) -> bool:
