@@ -70,9 +70,13 @@ class SymmetryRecorder(Recorder):
     def __init__(self, groups: Groups, projector: SymmetryProjector):
         self.groups = groups
         self.projector = projector
-        self.A: torch.Tensor | None = None
         self._listeners: list = []
         self.want_W = False
+
+    @property
+    def A(self) -> torch.Tensor:
+        """The accumulator after the updates computed so far (float64, on the device)."""
+        return torch.from_numpy(self._A.copy()).to(self.projector.device)
 
     def listen(self, callback, want_W: bool = False) -> None:
         """``callback(steps, etas, G, W)`` is called with every block of updates once its terms are
@@ -122,7 +126,6 @@ class SymmetryRecorder(Recorder):
         dev = proj.device
         self.wd = float(ctx.study.optimizer.weight_decay)
         self.lead = (ctx.samples,) if ctx.samples > 1 else ()
-        self.A = torch.zeros(*self.lead, len(self.groups), dtype=torch.float64, device=dev)
         self._A = np.zeros((*self.lead, len(self.groups)))  # the accumulator after the settled updates
         self.decay = 1.0
         self.Q0: dict[int, torch.Tensor] = {}
@@ -162,7 +165,6 @@ class SymmetryRecorder(Recorder):
         from flowlab.checkpoint import unpack
 
         self._A = unpack(state["A"])
-        self.A = torch.from_numpy(self._A.copy()).to(self.projector.device)
         self.decay = float(state["decay"])
         self.Q0 = {int(k): v.to(self.projector.device) for k, v in unpack(state["Q0"]).items()}
 
@@ -284,7 +286,6 @@ class SymmetryRecorder(Recorder):
                 np.multiply(A_hist[i], c * c, out=A_hist[i + 1])
                 A_hist[i + 1] += (lr * lr) * G_np[i]
             self._A = A_hist[n_u].copy()
-            self.A = torch.from_numpy(self._A).to(self.projector.device)
         if n_r:
             if rows is None:
                 raise RuntimeError("symmetry recorder: rows staged without a row buffer")
