@@ -182,16 +182,25 @@ class EigenTracker:
         self.matvecs = 0
         self.solves = 0
 
-    def state_dict(self) -> dict:
-        """The tracked block and the generator of new columns (:mod:`flowlab.checkpoint`)."""
-        from .checkpoint import attrs_state
+    def snapshot(self) -> dict:
+        """The state as it is now, kept on the device (cheap: one copy of the block); :meth:`state_dict`
+        of it is what a checkpoint stores."""
+        return {"k": self.k, "V": None if self.V is None else self.V.clone(), "generator": self.generator.get_state(),
+                "matvecs": self.matvecs, "solves": self.solves}
 
-        return attrs_state(self, ("k", "V", "generator", "matvecs", "solves"))
+    def state_dict(self, snapshot: dict | None = None) -> dict:
+        """The tracked block and the generator of new columns (:mod:`flowlab.checkpoint`)."""
+        from .checkpoint import pack
+
+        snap = self.snapshot() if snapshot is None else snapshot
+        return {**pack({k: v for k, v in snap.items() if k != "generator"}), "generator": snap["generator"]}
 
     def load_state_dict(self, state: dict) -> None:
-        from .checkpoint import load_attrs
+        from .checkpoint import unpack
 
-        load_attrs(self, state)
+        self.k, self.matvecs, self.solves = int(state["k"]), int(state["matvecs"]), int(state["solves"])
+        self.V = unpack(state["V"], self.V)
+        self.generator.set_state(state["generator"])
 
     def _random(self, m: int, q: int, like: Tensor) -> Tensor:
         return torch.randn(m, q, generator=self.generator, dtype=torch.float64).to(like.device, like.dtype)

@@ -222,7 +222,7 @@ class CentralFlow(Flow):
         out = {"tracker": self.tracker.state_dict(), "X_prev": pack(self._X_prev), "evaluations": self.evaluations}
         c = self._cache
         if c is not None and self._before is not None:
-            out["cache"] = {"theta": pack(c.theta), "eta": c.eta, "tracker": self._before[0],
+            out["cache"] = {"theta": pack(c.theta), "eta": c.eta, "tracker": self.tracker.state_dict(self._before[0]),
                             "X_prev": pack(self._before[1])}
         return out
 
@@ -248,7 +248,7 @@ class CentralFlow(Flow):
         c = self._cache
         if c is not None and c.eta == hp.lr and c.theta.shape == theta.shape and torch.equal(c.theta, theta):
             return c
-        self._before = (self.tracker.state_dict(), None if self._X_prev is None else self._X_prev.copy())
+        self._before = (self.tracker.snapshot(), None if self._X_prev is None else self._X_prev.copy())
         self.evaluations += 1
         eta = float(hp.lr)
         edge = 2.0 / eta
