@@ -9,7 +9,7 @@ STAMP := $(VENV)/.flowlab-installed
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo test test-all lint bench studies install clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "make: no python3.11 found (set PYTHON=...)"; exit 2; }
@@ -37,6 +37,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m flowlab.bench sgd
+
+# Every results/ folder from scratch: each study script in studies/ (two at a time, one thread each;
+# wall times in results/STUDIES.md), then the benchmarks alone (results/bench/bench.md).
+studies: $(STAMP)
+	$(PY) -m flowlab.studykit --jobs 2
+	$(VENV)/bin/flowlab bench
 
 clean:
 	rm -rf $(VENV) runs
