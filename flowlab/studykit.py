@@ -195,7 +195,7 @@ def main(name: str, body: Callable[[StudyContext], Any], argv: Sequence[str] | N
     figure_style()
     ctx = StudyContext(name=name, smoke=args.smoke, results=results, runs=runs, command=command,
                        studies=root / "studies")
-    body(ctx)
+    rc = int(body(ctx) or 0)  # a body may return a nonzero code (a bound it checks was missed)
     summary = results / "summary.md"
     if summary.exists():
         print(summary.read_text())
@@ -203,7 +203,7 @@ def main(name: str, body: Callable[[StudyContext], Any], argv: Sequence[str] | N
     if big:
         print(f"{name}: files over 3 MB: {', '.join(map(str, big))}", file=sys.stderr)
         return 1
-    return 0
+    return rc
 
 
 # --- make studies -------------------------------------------------------------------------------------

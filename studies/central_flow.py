@@ -1,8 +1,9 @@
 """Run studies/central_flow.toml (GD at the edge of stability with the central flow, gradient flow and
-IGR beside it) and write results/central_flow/: summary.md, summary.json and central_flow.png.
+IGR beside it) and write results/central_flow/: summary.md, summary.json, central_flow.nc and
+central_flow.png.
 
-    python studies/central_flow.py                      # runs the study into runs/central_flow first
-    python studies/central_flow.py --run runs/central_flow   # analyse an existing run (+ the law check)
+    python studies/central_flow.py            # runs into runs/central_flow/, writes results/central_flow/
+    python studies/central_flow.py --smoke    # a few steps at a larger η (the test suite)
 
 Measured (every number below is computed here from the run's Dataset):
 
@@ -19,7 +20,6 @@ Measured (every number below is computed here from the run's Dataset):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import flowlab
+from flowlab import studykit
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "studies" / "central_flow.toml"
@@ -119,7 +120,7 @@ LAW_STUDY = {
 }
 
 
-def law_check(out_dir: Path) -> dict:
+def law_check(out_dir: Path, steps: int = 40) -> dict:
     """The symmetry law of ½∇⟨H, Σ⟩ on a run with rescale and translation groups (ReLU MLP 64-16-10,
     cross-entropy, 200 digits, float64, η with η·λ_max(θ0) = 2.4, 40 steps, no weight decay): the
     recorded ``central_term`` (from the field) against ``central_law`` (the law's right-hand side),
@@ -130,7 +131,7 @@ def law_check(out_dir: Path) -> dict:
     problem = flowlab.build(study).problem
     s0 = EigenTracker(2, 1e-8).solve(HessianAt(problem, problem.theta0), problem.theta0).top
     lr = 2.4 / s0
-    study = study.with_overrides([f"optimizer.lr={lr}"])
+    study = study.with_overrides([f"optimizer.lr={lr}", f"optimizer.steps={steps}"])
     ds = flowlab.run(study, out_dir, overwrite=True).load()
     kinds = ds.group_kind.values
     tr = kinds == "translation"
@@ -139,7 +140,7 @@ def law_check(out_dir: Path) -> dict:
     scale = float(np.nanmax(np.abs(law[:, ~tr])))
     drift = ds.drift.sel(dynamics="central").values[:, ~tr]
     q0 = ds.quantity.sel(dynamics="central").values[0, ~tr]
-    return {"eta": lr, "status": [str(x) for x in ds.status.values],
+    return {"eta": lr, "steps": steps, "status": [str(x) for x in ds.status.values],
             "groups": {str(k): int((kinds == k).sum()) for k in sorted(set(kinds))},
             "term_vs_law_max_abs_diff_over_scale": float(np.nanmax(np.abs(term - law)[:, ~tr]) / scale),
             "translation_term_max_over_scale": float(np.nanmax(np.abs(term[:, tr])) / scale) if tr.any() else 0.0,
@@ -154,10 +155,7 @@ def _law(ds) -> float:
     return float(np.abs(term - law)[ok].max() / scale) if scale else 0.0
 
 
-def figure(ds, res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def figure(ds, res: dict):
     import matplotlib.pyplot as plt
 
     t = ds.time.values
@@ -199,8 +197,7 @@ def figure(ds, res: dict, path: Path) -> None:
     b.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"full-batch GD at η = {eta:g} (2/η = {edge:g}) and its central flow", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _rows(ph: dict, W: int) -> list[str]:
@@ -223,90 +220,99 @@ def _rows(ph: dict, W: int) -> list[str]:
     ]
 
 
-def write(res: dict, out: Path, command: str, origin: str | None = None) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    head = {"command": command, **({"run_written_by": origin} if origin else {})}
-    (out / "summary.json").write_text(json.dumps({**head, **res}, indent=2) + "\n")
+def summary_lines(res: dict) -> tuple[list[str], list[str]]:
+    """(found, body) of summary.md, every number from ``res``."""
     if not res.get("reached_edge"):
-        text = f"# Central flow\n\nGD did not reach the edge (max sharpness {res['sharpness_max_gd']:.3g}).\n"
-        (out / "summary.md").write_text(text)
-        return text
+        return ([f"GD did not reach the edge (max sharpness {res['sharpness_max_gd']:.3g} < 0.95·2/η = "
+                 f"{0.95 * res['edge']:.3g})."], [])
     e, h, o, W = res["edge_phase"], res["hover_phase"], res["overshoot"], res["window"]
-    lines = [
-        "# The central flow at the edge of stability", "",
-        f"Regenerate: `{command}`" + (f" on the run written by `{origin}`" if origin else "") + " (studies/central_flow.toml: tanh MLP 64-64-64-10, MSE, 500 digits, float64, "
-        f"full-batch GD at η = {res['eta']:g}; the central flow by flowlab:euler with dt = η/4, gradient flow "
-        "and IGR by flowlab:rk4 with dt = 0.05; sharpness by warm-started LOBPCG at every step).", "",
-        f"GD's sharpness first reaches 0.95·2/η at step {res['onset_step']}."]
+    p = e["central_loss_rel_error"]
+    found = [
+        f"GD's sharpness reaches 2/η at step {res['onset_step']} and then hovers at "
+        f"{h['gd_sharpness_over_edge']['mean']:.2f}·2/η on average (steps {h['steps'][0]}–{h['steps'][1]}); "
+        f"the central flow holds its own sharpness within {e['central_sharpness_over_edge']['max_abs_dev']:.1e} "
+        f"of 2/η over the whole edge phase (steps {e['steps'][0]}–{e['steps'][1]}).",
+        f"It stays closer to GD's averaged iterate than gradient flow and IGR, by factors "
+        f"{e['factor_gf_over_central']:.1f} and {e['factor_igr_over_central']:.1f} on average over the edge phase "
+        f"({ph_end(e)} at the end), and its predicted loss L + tr Σ/η tracks GD's {W}-step mean loss within "
+        f"{100 * p['max']:.1f} % (mean {100 * p['mean']:.1f} %) over the edge phase, where gradient flow's loss is off "
+        f"by up to {100 * e['gf_loss_rel_error']['max']:.1f} % and IGR's by {100 * e['igr_loss_rel_error']['max']:.1f} %.",
+    ]
     if o:
-        lines.append(f"It then overshoots (above 1.1·2/η from step {o['from_step']}, up to "
-                     f"{o['max_over_edge']:.2f}·2/η) while the unstable component grows from rounding level, "
-                     f"catapults, and from step {o['to_step']} hovers about 2/η.  The central flow enters the edge "
-                     "at the first crossing, so over the overshoot it leads GD.")
+        found.append(f"Where a continuous model fails: GD first overshoots to {o['max_over_edge']:.2f}·2/η (steps "
+                     f"{o['from_step']}–{o['to_step']}) while its unstable component grows from round-off; the "
+                     "central flow, which enters the edge at the first crossing, leads GD there.")
+    body = [f"Setting: studies/central_flow.toml — tanh MLP 64-64-64-10, MSE, 500 digits, {res['dtype']}, "
+            f"full-batch GD at η = {res['eta']:g} for {res['steps']} steps; the central flow by flowlab:euler "
+            "with dt = η/4, gradient flow and IGR by flowlab:rk4 with dt = 0.05; sharpness by warm-started "
+            "LOBPCG at every step.", "",
+            f"GD's sharpness first reaches 0.95·2/η at step {res['onset_step']}."]
+    if o:
+        body.append(f"It overshoots (above 1.1·2/η from step {o['from_step']}, up to {o['max_over_edge']:.2f}·2/η), "
+                    f"and from step {o['to_step']} hovers about 2/η.")
     if res.get("central_first_critical_step") is not None:
-        lines.append(f"The central flow's first critical direction is at step {res['central_first_critical_step']}; "
-                     "from there on its sharpness stays within "
-                     f"{res['central_max_dev_from_first_critical']:.1e} × 2/η of 2/η.")
-    lines += ["", f"| figure | edge phase, steps {e['steps'][0]}–{e['steps'][1]} | hovering phase, steps "
-              f"{h['steps'][0]}–{h['steps'][1]} |", "|---|---|---|"]
+        body.append(f"The central flow's first critical direction is at step {res['central_first_critical_step']}; "
+                    "from there on its sharpness stays within "
+                    f"{res['central_max_dev_from_first_critical']:.1e} × 2/η of 2/η.")
+    body += ["", f"| figure | edge phase, steps {e['steps'][0]}–{e['steps'][1]} | hovering phase, steps "
+             f"{h['steps'][0]}–{h['steps'][1]} |", "|---|---|---|"]
     for a, b in zip(_rows(e, W), _rows(h, W)):
         name, va = a.rsplit(" | ", 1)[0], a.rsplit(" | ", 1)[1]
-        lines.append(f"{name} | {va[:-2]} | {b.rsplit(' | ', 1)[1]}")
-    lines.append(f"| most critical directions at once | {res['critical_directions_max']} | |")
+        body.append(f"{name} | {va[:-2]} | {b.rsplit(' | ', 1)[1]}")
+    body.append(f"| most critical directions at once | {res['critical_directions_max']} | |")
     if "symmetry_law_max_abs_diff_over_scale" in res:
-        lines.append(f"| symmetry law of ½∇⟨H,Σ⟩: max \\|measured − law\\| ÷ max \\|law\\| | "
-                     f"{res['symmetry_law_max_abs_diff_over_scale']:.2e} | |")
-    lines += ["", "θ*_GD = (θ_{k−1} + 2θ_k + θ_{k+1})/4 (GD averaged over its period-2 oscillation); GD's mean loss "
-              f"over steps k−{W - 1}…k is compared with the flows at step k − {(W - 1) // 2}.", "",
-              "Wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res["wall_seconds"].items()) + ".  "
-              "Statuses: " + ", ".join(f"{k} {v}" for k, v in res["status"].items()) + ".", "",
-              "![central flow](central_flow.png)"]
+        body.append(f"| symmetry law of ½∇⟨H,Σ⟩: max \\|measured − law\\| ÷ max \\|law\\| | "
+                    f"{res['symmetry_law_max_abs_diff_over_scale']:.2e} | |")
+    body += ["", "θ*_GD = (θ_{k−1} + 2θ_k + θ_{k+1})/4 (GD averaged over its period-2 oscillation); GD's mean loss "
+             f"over steps k−{W - 1}…k is compared with the flows at step k − {(W - 1) // 2}.", "",
+             "Wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res["wall_seconds"].items()) + ".  "
+             "Statuses: " + ", ".join(f"{k} {v}" for k, v in res["status"].items()) + ".", "",
+             "![central flow](central_flow.png)"]
     law = res.get("law_check")
     if law:
-        lines += ["", "## Symmetry law of the extra term (docs/theory.md#symmetry-law-of-the-central-flow)", "",
-                  f"ReLU MLP 64-16-10, cross-entropy, 200 digits, float64, η = {law['eta']:.4g} (η·λ_max(θ0) = 2.4), "
-                  "40 steps, groups " + ", ".join(f"{v} {k}" for k, v in law["groups"].items())
-                  + ", statuses " + ", ".join(law["status"]) + ":", "",
-                  "| check | value |", "|---|---|",
-                  f"| rescale: max \\|central_term − central_law\\| ÷ max \\|central_law\\| | "
-                  f"{law['term_vs_law_max_abs_diff_over_scale']:.2e} |",
-                  f"| translation: max \\|central_term\\| ÷ the same scale (law: 0) | "
-                  f"{law['translation_term_max_over_scale']:.2e} |",
-                  f"| rescale: the central flow's drift max \\|Q(T) − Q(0)\\| (max \\|Q(0)\\|; gradient flow: 0) | "
-                  f"{law['rescale_max_abs_drift']:.3g} ({law['rescale_max_abs_q0']:.3g}) |"]
-    lines.append("")
-    text = "\n".join(lines)
-    (out / "summary.md").write_text(text)
-    return text
+        body += ["", "## Symmetry law of the extra term (docs/theory.md#symmetry-law-of-the-central-flow)", "",
+                 f"ReLU MLP 64-16-10, cross-entropy, 200 digits, float64, η = {law['eta']:.4g} (η·λ_max(θ0) = 2.4), "
+                 f"{law['steps']} steps, groups " + ", ".join(f"{v} {k}" for k, v in law["groups"].items())
+                 + ", statuses " + ", ".join(law["status"]) + ":", "",
+                 "| check | value |", "|---|---|",
+                 f"| rescale: max \\|central_term − central_law\\| ÷ max \\|central_law\\| | "
+                 f"{law['term_vs_law_max_abs_diff_over_scale']:.2e} |",
+                 f"| translation: max \\|central_term\\| ÷ the same scale (law: 0) | "
+                 f"{law['translation_term_max_over_scale']:.2e} |",
+                 f"| rescale: the central flow's drift max \\|Q(T) − Q(0)\\| (max \\|Q(0)\\|; gradient flow: 0) | "
+                 f"{law['rescale_max_abs_drift']:.3g} ({law['rescale_max_abs_q0']:.3g}) |"]
+    return found, body
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", help="analyse this existing run instead of running the study")
-    ap.add_argument("--out", default=str(ROOT / "results" / "central_flow"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key")
-    args = ap.parse_args(argv)
-    import torch
+def ph_end(ph: dict) -> str:
+    return f"{ph['factor_gf_over_central_final']:.1f} and {ph['factor_igr_over_central_final']:.1f}"
 
-    torch.set_num_threads(1)
-    if args.run:
-        ds = flowlab.open_result(args.run).load()
-        command = f"python studies/central_flow.py --run {args.run}"
-        origin = "python studies/central_flow.py"
-    else:
-        study = flowlab.load_study(STUDY, args.set)
-        ds = flowlab.run(study, ROOT / "runs" / "central_flow", overwrite=True).load()
-        command = "python studies/central_flow.py" + "".join(f" --set {s}" for s in args.set)
-        origin = None
-    res = analyse(ds)
-    out = Path(args.out)
-    res["law_check"] = law_check(ROOT / "runs" / "central_flow_law")
-    text = write(res, out, command, origin)
+
+SMOKE = ["optimizer.steps=14", "optimizer.lr=0.4", "data.n=100", "model.widths=[16, 16]", "flows.0.window=3",
+         "flows.1.dt=0.1", "flows.2.dt=0.1"]
+
+
+def body(ctx) -> None:
+    study = ctx.load(STUDY, smoke=SMOKE)
+    ds = ctx.run(study, "run")
+    res = analyse(ds, settle=2 if ctx.smoke else SETTLE)
+    res.update(dtype=study.study.dtype, steps=study.optimizer.steps)
+    res["law_check"] = law_check(ctx.runs / "law", steps=6 if ctx.smoke else 40)
+    keep = [v for v in ("loss", "sharpness", "predicted_loss", "sigma_trace", "critical_directions",
+                        "loss_window_mean", "distance_midpoint", "distance", "status", "wall_seconds") if v in ds]
+    small = ds[keep]
+    small.attrs = {k: ds.attrs[k] for k in ("study", "versions", "git_commit") if k in ds.attrs}
+    ctx.save_dataset(small, "central_flow.nc")
     if res.get("reached_edge"):
-        figure(ds, res, out / "central_flow.png")
-    print(text)
-    return 0
+        import matplotlib.pyplot as plt
+
+        fig = figure(ds, res)
+        ctx.savefig(fig, "central_flow.png")
+        plt.close("all")
+    ctx.write_json(res)
+    found, lines = summary_lines(res)
+    ctx.write_summary("The central flow at the edge of stability", found, lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(studykit.main("central_flow", body))

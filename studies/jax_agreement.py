@@ -1,6 +1,6 @@
 """torch ↔ JAX agreement on every zoo model, measured (float64) and written to results/jax_agreement/.
 
-    python studies/jax_agreement.py [--quick] [--out results/jax_agreement]
+    python studies/jax_agreement.py [--smoke]     # --smoke: three models, two flows
 
 For each zoo model (built by flowlab's own registries from a study, on generated or packaged data):
 
@@ -18,18 +18,13 @@ For each zoo model (built by flowlab's own registries from a study, on generated
    (the issue asks ≤ 1e-8), with both evaluation counts.
 
 The tests (tests/test_jax_twin.py, tests/test_jax_diffrax.py) hold the same bounds on their own
-small cases; this study prints the figures on the zoo's real builders.  ``--quick`` runs two flows
-per model.
+small cases; this study prints the figures on the zoo's real builders.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -115,16 +110,10 @@ def flow_gap(p, name: str, pair: tuple[str, str], scale: float = 1.0, **opts) ->
     return max_rel(b, a), sa.nfe, sb.nfe
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="results/jax_agreement")
-    ap.add_argument("--quick", action="store_true", help="two flows per model")
-    ap.add_argument("--models", default=",".join(ZOO))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    flows = ["gradient_flow", "modified_second_order"] if args.quick else list(BUILTIN_FLOWS)
-    keys = [k for k in args.models.split(",") if k]
-    rows, t_start = [], time.perf_counter()
+def body(ctx) -> int:
+    flows = ["gradient_flow", "modified_second_order"] if ctx.smoke else list(BUILTIN_FLOWS)
+    keys = ["quadratic", "mlp_tanh"] if ctx.smoke else list(ZOO)
+    rows = []
     for key in keys:
         p = problem_of(key)
         gl, gg, gh = twin_gaps(p)
@@ -142,23 +131,18 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  dopri5 max over flows {max(g for g, *_ in row['adaptive'].values()):.1e}" if row["adaptive"]
                  else ""), flush=True)
         rows.append(row)
-    seconds = time.perf_counter() - t_start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "agreement.json").write_text(json.dumps(rows, indent=1))
-    cmd = "python studies/jax_agreement.py" + (" --quick" if args.quick else "")
-    lines = ["# torch ↔ JAX agreement (float64), every zoo model\n",
-             f"Regenerate: `{cmd}` ({seconds:.0f} s here). Relative gaps |x_jax − x_torch| / |x_torch|.\n",
-             "## Twins: full-batch loss, gradient, HVP at a random θ (bound 1e-10)\n",
+    ctx.write_json(rows, "agreement.json")
+    lines = ["Relative gaps |x_jax − x_torch| / |x_torch|, float64.", "",
+             "## Twins: full-batch loss, gradient, HVP at a random θ (bound 1e-10)", "",
              "| model | params | loss | grad | HVP |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['params']} | {r['loss']:.1e} | {r['grad']:.1e} | {r['hvp']:.1e} |" for r in rows]
-    lines += ["", "## Same tableau: torchdiffeq:rk4 vs diffrax:RK4_38 (bound 1e-12)\n",
+    lines += ["", "## Same tableau: torchdiffeq:rk4 vs diffrax:RK4_38 (bound 1e-12)", "",
               "η = 0.1·scale, dt = 0.025·scale, t = (0.1, 0.2, 0.3, 0.4)·scale, max over times; scale = "
-              "min(1, 0.1/(dt·|λ|)) with |λ| the largest-magnitude Hessian eigenvalue at θ0.\n",
+              "min(1, 0.1/(dt·|λ|)) with |λ| the largest-magnitude Hessian eigenvalue at θ0.", "",
               "| model | \\|λ\\| | scale | " + " | ".join(flows) + " |", "|---|---:|---:|" + "---:|" * len(flows)]
     lines += [f"| {r['model']} | {r['lambda_max']:.3g} | {r['scale']:.3g} | "
               + " | ".join(f"{r['fixed'][f]:.1e}" for f in flows) + " |" for r in rows]
-    lines += ["", "## Adaptive: torchdiffeq:dopri5 vs diffrax:Dopri5 at rtol 1e-10, smooth models (bound 1e-8)\n",
+    lines += ["", "## Adaptive: torchdiffeq:dopri5 vs diffrax:Dopri5 at rtol 1e-10, smooth models (bound 1e-8)", "",
               "| model | flow | gap | nfe torchdiffeq | nfe diffrax |", "|---|---|---:|---:|---:|"]
     for r in rows:
         for f, (g, na, nb) in r["adaptive"].items():
@@ -166,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     worst_twin = max(max(r["loss"], r["grad"], r["hvp"]) for r in rows)
     worst_fixed = max(max(r["fixed"].values()) for r in rows)
     ad = [g for r in rows for g, *_ in r["adaptive"].values()]
-    lines += ["", f"Worst: twins {worst_twin:.1e}, same tableau {worst_fixed:.1e}"
-              + (f", adaptive {max(ad):.1e}" if ad else "") + "."]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print(f"worst: twins {worst_twin:.1e}, same tableau {worst_fixed:.1e}" + (f", adaptive {max(ad):.1e}" if ad else "")
-          + f"; written to {out}/summary.md")
     ok = worst_twin <= 1e-10 and worst_fixed <= 1e-12 and (not ad or max(ad) <= 1e-8)
+    found = (f"On {len(rows)} zoo models the JAX twin's loss, gradient and HVP agree with torch's to {worst_twin:.1e} "
+             f"(bound 1e-10); the same RK4 tableau in torchdiffeq and diffrax agrees to {worst_fixed:.1e} over "
+             f"{len(flows)} flows (bound 1e-12)" + (f", and adaptive dopri5/Dopri5 at rtol 1e-10 to {max(ad):.1e} "
+                                                   "(bound 1e-8)" if ad else "")
+             + (". Every bound holds." if ok else ". A BOUND IS MISSED (see the tables)."))
+    ctx.write_summary("torch ↔ JAX agreement (float64), every zoo model", found, lines)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flowlab import studykit
+
+    sys.exit(studykit.main("jax_agreement", body))
