@@ -24,7 +24,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/flowlab run studies/quickstart.toml --overwrite
+	$(VENV)/bin/flowlab run studies/quickstart.toml --overwrite && $(VENV)/bin/flowlab report runs/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q
