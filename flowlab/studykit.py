@@ -212,6 +212,18 @@ def discover(studies: Path) -> list[str]:
     return sorted(p.stem for p in studies.glob("*.py") if not p.name.startswith("_") and MARK in p.read_text())
 
 
+def longest_first(names: list[str], table: Path) -> list[str]:
+    """``names`` ordered by the wall seconds of the last ``make studies`` (``table``), longest first, so
+    that two at a time finish together; studies not in it go first (their time is unknown)."""
+    import re
+
+    seconds = {}
+    if table.is_file():
+        for m in re.finditer(r"^\| (\w+) \| (\d+) \|", table.read_text(), re.M):
+            seconds[m.group(1)] = int(m.group(2))
+    return sorted(names, key=lambda n: -seconds.get(n, 10**9))
+
+
 def run_all(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flowlab.studykit", description="Run every study in studies/ "
                                  "and write results/STUDIES.md (make studies).")
@@ -230,6 +242,7 @@ def run_all(argv: Sequence[str] | None = None) -> int:
                   f"(known: {', '.join(names)})", file=sys.stderr)
             return 2
         names = [n for n in names if n in args.only]
+    names = longest_first(names, root / "results" / "STUDIES.md")
     logs = root / "runs" / "studies_logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "FLOWLAB_PROGRESS_SECONDS": "60"}
@@ -256,7 +269,7 @@ def run_all(argv: Sequence[str] | None = None) -> int:
              f"`python -m flowlab.studykit --jobs {args.jobs}`" + (" --smoke" if args.smoke else "")
              + f" on {_machine()}, {_dt.date.today().isoformat()}: **{total / 60:.1f} min** in all.", "",
              "| study | wall seconds | exit | summary |", "|---|---|---|---|"]
-    for name in names:
+    for name in sorted(names):
         rc, sec = done[name]
         lines.append(f"| {name} | {sec:.0f} | {rc} | [results/{name}/summary.md]({name}/summary.md) |")
     if not args.smoke and not args.only:

@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDIES = studykit.discover(ROOT / "studies")
 
 
-def test_studies_are_discovered():
-    assert STUDIES, "no study script calls studykit.main("
-    assert studykit.discover(ROOT / "tests") == []
+def test_studies_are_discovered(tmp_path):
+    assert {"central_flow", "jax_agreement"} <= set(STUDIES)
+    (tmp_path / "a.py").write_text('studykit.main("a", body)')
+    (tmp_path / "b.py").write_text("print(1)")
+    (tmp_path / "_c.py").write_text('studykit.main("c", body)')
+    assert studykit.discover(tmp_path) == ["a"]
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -50,3 +53,10 @@ def test_studykit_refuses_a_big_dataset(tmp_path):
     rng = np.random.default_rng(0)
     with pytest.raises(RuntimeError, match="over the 3 MB"):
         ctx.save_dataset(xr.Dataset({"a": ("n", rng.standard_normal(600_000))}), "big.nc")
+
+
+def test_make_studies_runs_the_longest_first(tmp_path):
+    table = tmp_path / "STUDIES.md"
+    table.write_text("| study | wall seconds | exit | summary |\n|---|---|---|---|\n| a | 5 | 0 | x |\n| b | 50 | 0 | x |\n")
+    assert studykit.longest_first(["a", "b", "c"], table) == ["c", "b", "a"]
+    assert studykit.longest_first(["b", "a"], tmp_path / "missing.md") == ["b", "a"]
