@@ -82,9 +82,12 @@ def test_summary_states_the_measured_winners(smoke):
     spec.loader.exec_module(mod)
     found = md.split("**Found.**", 1)[1].split("\n\n", 1)[0]
     models = [str(m) for m in ds.weak_model.values]
-    for i, w in enumerate(js["figures"]["weak"]["loss"]):
-        err = ds.weak_loss_error.values[i]
-        best = models[int(np.nanargmin(err))]
-        assert w["winner"] == best
-        assert f"{w['point']}: {mod.NAMES[best]}" in found
+    for beta in np.unique(ds.weak_momentum.values):
+        rows = np.flatnonzero(ds.weak_momentum.values == beta)
+        best = [models[int(np.nanargmin(ds.weak_loss_error.values[i]))] for i in rows]
+        for i, b in zip(rows, best):
+            assert js["figures"]["weak"]["loss"][i]["winner"] == b
+        counts = {m: best.count(m) for m in dict.fromkeys(best)}
+        said = f"β = {beta:g}: " + ", ".join(f"{mod.NAMES[m]} at {c} of {len(rows)} η" for m, c in counts.items())
+        assert said in found, said
     assert sum(js["figures"]["wins_beta0"].values()) == 2  # smoke grid: one η, two λ at β = 0
