@@ -203,7 +203,8 @@ def fig_errors(ctx, models: dict) -> None:
         xc = edge_crossing(ods)
         if np.isfinite(xc):
             ax.axvline(xc, color="gray", ls="--", lw=1)
-            ax.text(xc, ax.get_ylim()[0] * 2, " max λ_max·η = 2\n (edge of stability)", fontsize=7, color="gray")
+            ax.text(xc, ax.get_ylim()[0] * 1.5, "max λ_max·η = 2 \n(edge of stability) ", fontsize=7, color="gray",
+                    ha="right", va="bottom")
         fit = ods.fit_points.values
         if fit.any():
             ax.axvspan(eta[fit].min(), eta[fit].max(), color="0.9", zorder=0, label=f"fit: max λ_max·η ≤ {FIT_EDGE}")
@@ -214,17 +215,23 @@ def fig_errors(ctx, models: dict) -> None:
         top.set_xticklabels([f"{v:.2g}" for v in ods.max_lam_eta.values], fontsize=6, rotation=60)
         top.set_xlabel("max_t λ_max(H)·η of GD", fontsize=8)
         top.minorticks_off() if hasattr(top, "minorticks_off") else None
-        ax.legend(fontsize=7, loc="lower right")
+        _plain_log_x(ax, (0.0125, 0.025, 0.05, 0.1, 0.2, 0.3))
+        ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("Discretisation error of the continuous models of full-batch GD (float64)", fontsize=11)
     fig.tight_layout()
     ctx.savefig(fig, "error_vs_eta.png")
 
 
-def _plain_log_x(a) -> None:
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+def _plain_log_x(a, ticks=(0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)) -> None:
+    """A log x-axis labelled with plain numbers at ``ticks`` (those inside its range)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    a.xaxis.set_major_formatter(ScalarFormatter())
+    lo, hi = a.get_xlim()
+    inside = [x for x in ticks if lo <= x <= hi]
+    a.xaxis.set_major_locator(FixedLocator(inside))
+    a.xaxis.set_minor_locator(NullLocator())
     a.xaxis.set_minor_formatter(NullFormatter())
+    a.set_xticklabels([f"{x:g}" for x in inside])
 
 
 def fig_edge(ctx, models: dict, edge: xr.Dataset, long: xr.Dataset, relu: xr.Dataset) -> None:
@@ -376,12 +383,17 @@ def found_sentences(res: dict) -> list[str]:
         e = res[key]
         past = [j for j, v in enumerate(e["max_lam_eta"]) if v > 2.0]
         if past:
+            def one(j: int, e: dict = e) -> str:
+                mids = {d: v[j] for d, v in e["mid_mean"].items() if d != "sgd"}
+                best = e["closest"][j]
+                runner = min((d for d in mids if d != best), key=lambda d: mids[d])
+                text = (f"η = {e['eta'][j]:.3g} (max λ_max·η = {e['max_lam_eta'][j]:.2f}): {NAMES[best]} {mids[best]:.3g}, "
+                        f"next {NAMES[runner]} {mids[runner]:.3g}")
+                return text + ("" if "central" in (best, runner) else f", central flow {mids['central']:.3g}")
             wins = [e["closest"][j] for j in past]
-            out.append(f"Past the edge, at T = {e['T']:g} (η = " + ", ".join(f"{e['eta'][j]:.3g}" for j in past)
-                       + ", max λ_max·η = " + ", ".join(f"{e['max_lam_eta'][j]:.2f}" for j in past)
-                       + "), the continuous model closest on average to GD's averaged iterate is "
-                       + ", ".join(NAMES[w] for w in wins)
-                       + f": the central flow is closest at {sum(w == 'central' for w in wins)} of these {len(past)} η.")
+            out.append(f"Past the edge, at T = {e['T']:g}, the continuous model closest on average to GD's averaged "
+                       "iterate is: " + "; ".join(one(j) for j in past)
+                       + f" — the central flow at {sum(w == 'central' for w in wins)} of these {len(past)} η.")
         else:
             out.append(f"No η of the T = {e['T']:g} edge runs took GD past λ_max·η = 2.")
     r = res["relu"]
