@@ -650,8 +650,8 @@ def body(ctx) -> None:
         f"The rescale quantities are another matter: gradient flow conserves them and misses GD's drift by "
         f"{rng(nums['gf_rescale'], '')} of the groups' scale, and every modified flow, the HVP-based ones included, "
         f"tracks that drift {rng(gr['igr'])} (IGR), {rng(gr['second_order'])} (second-order), "
-        f"{rng(gr['temporal'])} (temporal) better; the translation quantities are conserved by GD, heavy ball, "
-        f"SGD and every model at λ = 0 (all errors ≤ {trans0:.0e}).",
+        f"{rng(gr['temporal'])} (temporal) better; at λ = 0 every model's translation quantities match GD's, "
+        f"heavy ball's and SGD's to ≤ {trans0:.0e} of their scale (the law: all conserve them).",
         f"Heavy ball (β = {beta9:g}): the winner is {wins_s(nums['wins_beta09'], len(g9))} grid points "
         f"(relative {rng(er['mom2'], '')}, {rng(nums['mom1_over']['mom2'])} below momentum_first_order's "
         f"{rng(er['mom1'], '')}); the naive gradient flow " + ("FAILS" if gf9[0] > FAIL else "is off")
