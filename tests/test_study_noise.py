@@ -53,7 +53,7 @@ def test_minibatch_split_adds_up_to_sgds_drift(smoke):
     mini = [b for b in ds.batch.values if b != "full"]
     assert float(ds.closure_rel.sel(batch=mini).max()) < 0.6, ds.closure_rel.values
     assert np.all(np.isfinite(ds.closure_max_z.sel(batch=mini).values))
-    assert float(ds.noise_norm.sel(batch=mini).min()) > 0.1 * float(ds.finite_norm.sel(batch=mini).max())
+    assert bool((ds.noise_norm > 0.1 * ds.finite_norm).sel(batch=mini).all()), ds.noise_share.values
 
 
 def test_each_model_carries_its_part(smoke):
