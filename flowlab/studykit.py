@@ -189,6 +189,10 @@ def main(name: str, body: Callable[[StudyContext], Any], argv: Sequence[str] | N
     results = Path(args.results) if args.results else root / "results" / name
     runs = Path(args.runs) if args.runs else root / "runs" / name
     command = f"python studies/{name}.py" + (" --smoke" if args.smoke else "")
+    if (results / "summary.md").is_file():  # a study's earlier results: regenerate from scratch
+        import shutil
+
+        shutil.rmtree(results)
     import torch
 
     torch.set_num_threads(1)
