@@ -1,9 +1,9 @@
 """The paper's Fig. 4 (Kunin et al., ICLR 2021): GD and heavy ball on a 2-D quadratic beside the
 continuous models meant to match them, as trajectories in the (θ1, θ2) plane.
 
-L = ½θᵀAθ with A = [[2.5, −1.5], [−1.5, 2.5]] (../shared/THEORY.md: the paper's Fig. 4 quadratic;
-Hessian eigenvalues 4 and 1, eigenvectors (1, −1)/√2 and (1, 1)/√2), θ0 = (1, 0.25) (the notes give no
-start point: one off both eigenvectors, so that the paths bend).
+L = ½θᵀAθ with A = [[2.5, −1.5], [−1.5, 2.5]] (docs/theory.md#the-2-d-quadratic-of-fig-4: the paper's Fig. 4 quadratic;
+Hessian eigenvalues 4 and 1, eigenvectors (1, −1)/√2 and (1, 1)/√2), θ0 = (1, 0.25) (our choice, not
+the paper's: off both eigenvectors, so that the paths bend).
 
 - GD, η = 0.1, 20 steps (``fig4_quadratic_gd.toml``) beside gradient_flow, modified_loss (IGR),
   modified_temporal and modified_second_order;
@@ -290,8 +290,8 @@ def body(ctx):
     ctx.write_json({P["key"]: dict(eta=P["eta"], beta=P["beta"], steps=P["steps"], discrete=P["disc"],
                                    flows=P["rows"]) for P in panels})
     body_lines = [f"L = ½θᵀAθ, A = [[2.5, −1.5], [−1.5, 2.5]] (the paper's Fig. 4 quadratic, eigenvalues 4 and 1), "
-                  f"θ0 = ({panels[0]['theta0'][0]:g}, {panels[0]['theta0'][1]:g}) (chosen: the notes give no start "
-                  "point), no weight decay, float64. Each panel is one `flowlab run` in-process "
+                  f"θ0 = ({panels[0]['theta0'][0]:g}, {panels[0]['theta0'][1]:g}) (our choice, not the paper's), "
+                  "no weight decay, float64. Each panel is one `flowlab run` in-process "
                   "(`studies/fig4_quadratic_gd.toml`, `studies/fig4_quadratic_hb.toml`); flows by `flowlab:rk4`. "
                   "|Δθ| = |θ_flow(t) − θ_discrete(t)| at matched t = Σ η, recorded at every step (the first-order "
                   "momentum flows at t − ηβ/(1−β), θ0 before). Sign changes: of the iterate's component along "
