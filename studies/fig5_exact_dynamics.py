@@ -26,6 +26,7 @@ import numpy as np
 import xarray as xr
 
 from flowlab import studykit
+from flowlab.theory.figures import pick_groups
 
 NAME = "fig5_exact_dynamics"
 SGD_TOML = "fig5_exact_dynamics.toml"
@@ -143,22 +144,6 @@ def measure(ds) -> dict:
     else:
         res["paper_vs_exact_discrete"] = theory_gap(ds, "paper", "exact_discrete")
     return res
-
-
-def pick_groups(ds, kind: str, count: int) -> tuple[str, np.ndarray] | None:
-    """A layer (the last for translation, the middle one otherwise) and its ``count`` groups of
-    ``kind`` with the largest drift relative to their scale (Fig. 5: a handful of groups)."""
-    kinds = ds["group_kind"].values.astype(str)
-    layers = ds["group_layer"].values.astype(str)
-    idx = np.flatnonzero(kinds == kind)
-    if idx.size == 0:
-        return None
-    order = list(dict.fromkeys(layers[idx]))
-    layer = order[-1] if kind == "translation" else order[len(order) // 2]
-    members = idx[layers[idx] == layer]
-    drift = np.abs(ds["drift"].isel(dynamics=0).values[:, members])
-    score = np.nanmax(drift, axis=0) / np.maximum(np.abs(ds["group_scale"].values[members]), 1e-300)
-    return layer, np.sort(members[np.argsort(-np.nan_to_num(score))[:count]])
 
 
 def prediction_variant(ds) -> str:

@@ -18,7 +18,9 @@ def _default_variant(ds: xr.Dataset) -> str:
     return variants[0]
 
 
-def _pick(ds: xr.Dataset, kind: str, count: int) -> tuple[str, np.ndarray] | None:
+def pick_groups(ds: xr.Dataset, kind: str, count: int) -> tuple[str, np.ndarray] | None:
+    """A layer (the last for translation, the middle one otherwise) and its ``count`` groups of
+    ``kind`` with the largest drift relative to their scale (Fig. 5: a handful of groups)."""
     kinds = ds["group_kind"].values.astype(str)
     layers = ds["group_layer"].values.astype(str)
     idx = np.flatnonzero(kinds == kind)
@@ -42,14 +44,14 @@ def theory_figure(ds: xr.Dataset, path: str | Path, variant: str | None = None, 
     import matplotlib.pyplot as plt
 
     variant = variant or _default_variant(ds)
-    kinds = [k for k in ("translation", "scale", "rescale") if _pick(ds, k, 1) is not None]
+    kinds = [k for k in ("translation", "scale", "rescale") if pick_groups(ds, k, 1) is not None]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.4), squeeze=False)
     t = ds["time"].values
     Q = ds["quantity"].isel(dynamics=0).values
     P = ds["theory"].sel(variant=variant).values
     colours = plt.cm.viridis(np.linspace(0.05, 0.9, count))
     for ax, kind in zip(axes[0], kinds):
-        layer, chosen = _pick(ds, kind, count)
+        layer, chosen = pick_groups(ds, kind, count)
         for c, g in zip(colours, chosen):
             ax.plot(t, Q[:, g], color=c, lw=1.6)
             ax.plot(t, P[:, g], color="k", lw=1.0, ls="--")
